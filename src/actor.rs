@@ -1,0 +1,720 @@
+//! The entity actor: the one home of one entity. A thin actix shell around the pure core in
+//! [`apply`](crate::apply): load, dedup lookup, evaluate, commit, reply.
+//!
+//! The actor keeps its own queue of [`Job`]s and a `busy` flag. While a commit or a retry
+//! backoff is pending it is busy and starts nothing else, so an entity's messages are applied
+//! one at a time, in arrival order; the arbiter thread is never blocked, so other entities on
+//! the same shard keep running. The queue is bounded by the runtime's admission tickets.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::field::Empty;
+
+use crate::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
+use crate::codec;
+use crate::entity::Entity;
+use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
+use crate::keys::{self, Space};
+use crate::outcome::{OutcomeKind, Recorded};
+use crate::records::{DeadLetterRecord, DedupRecord, InboxRecord, Meta, StateRecord};
+use crate::retry::splitmix64;
+use crate::runtime::{Shared, Ticket};
+use crate::store::{Op, Store};
+use crate::supervisor::{Idle, Shard};
+use crate::telemetry::{field, Stats};
+
+/// Where the reply to an `ask` goes.
+pub(crate) type AskReply<E> = oneshot::Sender<Result<OutcomeOf<E>, SubmitError>>;
+
+/// An operator action on one entity's dead letters, serialised with its messages.
+#[derive(Debug)]
+pub(crate) enum AdminAction {
+    /// Move a dead letter back into the inbox, keeping its id.
+    Requeue,
+    /// Remove a dead letter.
+    Purge,
+}
+
+/// Work for an entity actor.
+pub(crate) enum Job<E: Entity> {
+    /// A command sent with `ask`; the reply goes back to the caller.
+    Ask {
+        meta: Meta,
+        command: E::Command,
+        expected_revision: Option<u64>,
+        reply: AskReply<E>,
+        ticket: Ticket,
+    },
+    /// Process this entity's inbox entries with a sequence up to `up_to`, oldest first.
+    Drain { up_to: u64, ticket: Ticket },
+    /// An operator action on the dead letter `message_id`; replies whether it existed.
+    Admin {
+        action: AdminAction,
+        message_id: String,
+        reply: oneshot::Sender<Result<bool, AdminError>>,
+        ticket: Ticket,
+    },
+}
+
+/// The actor's mail: a job routed by the shard.
+pub(crate) struct Forward<E: Entity>(pub Job<E>);
+
+impl<E: Entity> Message for Forward<E> {
+    type Result = ();
+}
+
+/// Sent by the shard once it has forgotten this actor: no more jobs will arrive.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop;
+
+/// One message on its way through the attempts.
+struct Work<E: Entity> {
+    meta: Meta,
+    command: E::Command,
+    expected_revision: Option<u64>,
+    source: Source,
+    attempt: u32,
+    reply: Option<AskReply<E>>,
+    /// For inbox work: the drain to continue once this message is retired.
+    drain: Option<(u64, Ticket)>,
+    /// Held for the life of an `ask`.
+    ticket: Option<Ticket>,
+    span: tracing::Span,
+    started: Instant,
+}
+
+pub(crate) struct EntityActor<E: Entity> {
+    key: String,
+    shared: Arc<Shared>,
+    store: Arc<Store>,
+    shard: Addr<Shard>,
+    loaded: Option<Loaded<E::State>>,
+    queue: VecDeque<Job<E>>,
+    busy: bool,
+    stopping: bool,
+    /// Jobs received from the shard; compared with the shard's count before passivation.
+    received: u64,
+    idle_timer: Option<SpawnHandle>,
+}
+
+impl<E: Entity> EntityActor<E> {
+    pub(crate) fn new(
+        key: String,
+        shared: Arc<Shared>,
+        store: Arc<Store>,
+        shard: Addr<Shard>,
+    ) -> Self {
+        Self {
+            key,
+            shared,
+            store,
+            shard,
+            loaded: None,
+            queue: VecDeque::new(),
+            busy: false,
+            stopping: false,
+            received: 0,
+            idle_timer: None,
+        }
+    }
+
+    fn submit_error(&self, source: StoreError) -> SubmitError {
+        SubmitError::Storage {
+            entity: E::NAME,
+            key: self.key.clone(),
+            source,
+        }
+    }
+
+    fn decode_error(&self, source: DecodeError) -> SubmitError {
+        SubmitError::Decode {
+            entity: E::NAME,
+            key: self.key.clone(),
+            source,
+        }
+    }
+
+    /// The entity as last committed, loaded from the store on first use (and again after a
+    /// panic or a failed commit, which is how the actor "restarts from its last committed
+    /// state" without losing its queue).
+    fn load(&mut self) -> Result<Loaded<E::State>, SubmitError> {
+        if let Some(loaded) = &self.loaded {
+            return Ok(loaded.clone());
+        }
+        let bytes = self
+            .store
+            .get(&keys::state(E::NAME, &self.key))
+            .map_err(|e| self.submit_error(e))?;
+        let loaded = match bytes {
+            None => Loaded::default(),
+            Some(bytes) => {
+                let record: StateRecord<E::State> =
+                    codec::decode("state", &bytes).map_err(|e| self.decode_error(e))?;
+                Loaded::from(record)
+            }
+        };
+        self.loaded = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    fn dedup_lookup(&self, message_id: &str) -> Result<Option<apply::RecordedOf<E>>, SubmitError> {
+        let bytes = self
+            .store
+            .get(&keys::dedup(E::NAME, &self.key, message_id))
+            .map_err(|e| self.submit_error(e))?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => {
+                let record: DedupRecord<E::Reply, E::Error> =
+                    codec::decode("dedup record", &bytes).map_err(|e| self.decode_error(e))?;
+                Ok(Some(record.outcome))
+            }
+        }
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while !self.busy {
+            match self.queue.pop_front() {
+                Some(job) => self.start(job, ctx),
+                None => {
+                    if self.stopping {
+                        ctx.stop();
+                    } else {
+                        self.arm_idle(ctx);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn arm_idle(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.idle_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let after = self.shared.config.passivate_after;
+        self.idle_timer = Some(ctx.run_later(after, |act, ctx| {
+            act.idle_timer = None;
+            if act.busy || !act.queue.is_empty() || act.stopping {
+                return;
+            }
+            let idle = Idle {
+                entity: E::NAME,
+                key: act.key.clone(),
+                received: act.received,
+            };
+            // The shard compares `received` with what it forwarded and answers with `Stop`
+            // only if nothing is on its way; a closed shard means the runtime is stopping.
+            if act.shard.try_send(idle).is_err() {
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn start(&mut self, job: Job<E>, ctx: &mut Context<Self>) {
+        match job {
+            Job::Ask {
+                meta,
+                command,
+                expected_revision,
+                reply,
+                ticket,
+            } => {
+                let span = self.span(&meta);
+                let work = Work {
+                    meta,
+                    command,
+                    expected_revision,
+                    source: Source {
+                        inbox_key: None,
+                        command_bytes: None,
+                        first_failed_at_ms: None,
+                    },
+                    attempt: 1,
+                    reply: Some(reply),
+                    drain: None,
+                    ticket: Some(ticket),
+                    span,
+                    started: Instant::now(),
+                };
+                self.process(work, ctx);
+            }
+            Job::Drain { up_to, ticket } => self.drain_next(up_to, ticket, ctx),
+            Job::Admin {
+                action,
+                message_id,
+                reply,
+                ticket,
+            } => self.admin(action, message_id, reply, ticket, ctx),
+        }
+    }
+
+    fn span(&self, meta: &Meta) -> tracing::Span {
+        tracing::info_span!(
+            target: "keystead",
+            "keystead.message",
+            entity = E::NAME,
+            key = %self.key,
+            message_id = %meta.message_id,
+            correlation_id = %meta.correlation_id,
+            version = meta.version,
+            attempt = Empty,
+            revision = Empty,
+            outcome = Empty,
+            duration_us = Empty,
+        )
+    }
+
+    /// Takes the oldest inbox entry (if its sequence is within `up_to`) and processes it;
+    /// the drain continues from `complete` once that entry is retired.
+    fn drain_next(&mut self, up_to: u64, ticket: Ticket, ctx: &mut Context<Self>) {
+        let prefix = keys::entity_prefix(Space::Inbox, E::NAME, &self.key);
+        let (inbox_key, bytes) = match self.store.first_with_prefix(&prefix) {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(target: "keystead", entity = E::NAME, key = %self.key, error = %e,
+                    "cannot read the inbox; its messages stay there for the next delivery");
+                return;
+            }
+        };
+        let seq = keys::parse(Space::Inbox, &inbox_key).and_then(|p| keys::inbox_seq(p.suffix));
+        let Some(seq) = seq else {
+            self.quarantine(
+                inbox_key,
+                bytes,
+                "inbox key is malformed".into(),
+                up_to,
+                ticket,
+                ctx,
+            );
+            return;
+        };
+        if seq > up_to {
+            return;
+        }
+        let record: InboxRecord = match codec::decode("inbox entry", &bytes) {
+            Ok(record) => record,
+            Err(e) => {
+                self.quarantine(inbox_key, bytes, e.to_string(), up_to, ticket, ctx);
+                return;
+            }
+        };
+        let command: E::Command = match codec::decode("command", &record.command) {
+            Ok(command) => command,
+            Err(e) => {
+                // The envelope is readable: dead-letter it under its own id so an operator
+                // can see it, fix the type, and requeue it.
+                self.quarantine_message(inbox_key, record, e.to_string(), up_to, ticket, ctx);
+                return;
+            }
+        };
+        let span = self.span(&record.meta);
+        let work = Work {
+            meta: record.meta,
+            command,
+            expected_revision: None,
+            source: Source {
+                inbox_key: Some(inbox_key),
+                command_bytes: Some(record.command),
+                first_failed_at_ms: None,
+            },
+            attempt: 1,
+            reply: None,
+            drain: Some((up_to, ticket)),
+            ticket: None,
+            span,
+            started: Instant::now(),
+        };
+        self.process(work, ctx);
+    }
+
+    /// Moves an inbox entry that cannot be decoded at all to the dead letters, under a
+    /// synthetic id, so it is neither lost nor retried forever.
+    fn quarantine(
+        &mut self,
+        inbox_key: Vec<u8>,
+        raw: Vec<u8>,
+        error: String,
+        up_to: u64,
+        ticket: Ticket,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = self.shared.clock.now_ms();
+        let suffix: String = inbox_key
+            .iter()
+            .rev()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let record = InboxRecord {
+            meta: Meta {
+                message_id: format!("undecodable-inbox-{suffix}"),
+                correlation_id: String::new(),
+                version: None,
+                accepted_at_ms: now,
+            },
+            command: raw,
+        };
+        self.quarantine_message(inbox_key, record, error, up_to, ticket, ctx);
+    }
+
+    fn quarantine_message(
+        &mut self,
+        inbox_key: Vec<u8>,
+        record: InboxRecord,
+        error: String,
+        up_to: u64,
+        ticket: Ticket,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = self.shared.clock.now_ms();
+        tracing::error!(target: "keystead", entity = E::NAME, key = %self.key,
+            message_id = %record.meta.message_id, %error,
+            "inbox entry cannot be decoded; moved to the dead letters");
+        let letter = DeadLetterRecord {
+            meta: record.meta.clone(),
+            command: record.command,
+            error,
+            attempts: 0,
+            first_failed_at_ms: now,
+            last_failed_at_ms: now,
+        };
+        let ops = match codec::encode(&letter) {
+            Ok(bytes) => vec![
+                Op::Put(
+                    keys::dead_letter(E::NAME, &self.key, &record.meta.message_id),
+                    bytes,
+                ),
+                Op::Delete(inbox_key),
+            ],
+            Err(e) => {
+                tracing::error!(target: "keystead", error = %e, "cannot encode a dead letter; the entry stays in the inbox");
+                return;
+            }
+        };
+        self.busy = true;
+        let commit = self.store.commit(ops);
+        ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            if result.is_ok() {
+                Stats::drop_one(&act.shared.stats.inbox_pending);
+                act.shared.stats.outcome(OutcomeKind::DeadLettered);
+                act.queue.push_front(Job::Drain { up_to, ticket });
+            }
+            act.pump(ctx);
+        }));
+    }
+
+    /// One attempt at `work`.
+    fn process(&mut self, mut work: Work<E>, ctx: &mut Context<Self>) {
+        let now = self.shared.clock.now_ms();
+        let current = match self.load() {
+            Ok(current) => current,
+            Err(e) => return self.fail(work, e),
+        };
+        let dedup = match self.dedup_lookup(&work.meta.message_id) {
+            Ok(dedup) => dedup,
+            Err(e) => return self.fail(work, e),
+        };
+        let attempts_max = self.shared.config.retry.get_attempts_max();
+        let verdict = {
+            let _entered = work.span.enter();
+            apply::evaluate::<E>(
+                &current,
+                dedup,
+                &Attempt {
+                    key: &self.key,
+                    meta: &work.meta,
+                    command: &work.command,
+                    expected_revision: work.expected_revision,
+                    attempt: work.attempt,
+                    attempts_max,
+                    now_ms: now,
+                },
+            )
+        };
+        match verdict {
+            Verdict::Retry { error, panicked } => {
+                self.after_failure(panicked);
+                Stats::bump(&self.shared.stats.retries);
+                work.source.first_failed_at_ms.get_or_insert(now);
+                let seed = splitmix64(fnv1a(work.meta.message_id.as_bytes()));
+                let delay = self.shared.config.retry.backoff(work.attempt, seed);
+                tracing::debug!(target: "keystead", parent: &work.span, attempt = work.attempt,
+                    %error, delay_us = delay.as_micros() as u64, "retryable failure; will retry");
+                work.attempt += 1;
+                self.busy = true;
+                ctx.run_later(delay, move |act, ctx| {
+                    act.busy = false;
+                    act.process(work, ctx);
+                    act.pump(ctx);
+                });
+            }
+            Verdict::Conflict { expected, actual } => {
+                Stats::bump(&self.shared.stats.conflicts);
+                debug_assert!(
+                    work.source.inbox_key.is_none(),
+                    "only ask carries an expected revision"
+                );
+                self.record_span(&work, "conflict", current.revision);
+                let error = SubmitError::Conflict {
+                    entity: E::NAME,
+                    key: self.key.clone(),
+                    expected,
+                    actual,
+                };
+                if let Some(reply) = work.reply.take() {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            verdict => {
+                if let Verdict::DeadLetter { panicked, .. } = &verdict {
+                    self.after_failure(*panicked);
+                }
+                let planned = apply::writes::<E>(
+                    &self.key,
+                    &work.meta,
+                    &work.source,
+                    &work.command,
+                    &verdict,
+                    work.attempt,
+                    now,
+                );
+                let (ops, outcome) = match planned {
+                    Ok(Some(planned)) => planned,
+                    Ok(None) => unreachable!("retry and conflict are handled above"),
+                    Err(reason) => {
+                        let error = SubmitError::Encode {
+                            entity: E::NAME,
+                            key: self.key.clone(),
+                            reason,
+                        };
+                        return self.fail(work, error);
+                    }
+                };
+                let next = match verdict {
+                    Verdict::Applied { next, .. } => Some(next),
+                    _ => None,
+                };
+                if ops.is_empty() {
+                    return self.complete(work, next, outcome);
+                }
+                self.busy = true;
+                let commit = self.store.commit(ops);
+                ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+                    act.busy = false;
+                    match result {
+                        Ok(()) => act.complete(work, next, outcome),
+                        Err(e) => {
+                            // The batch may have reached sled before the flush failed: forget
+                            // the cached state so the next message reloads what is stored.
+                            act.loaded = None;
+                            let error = act.submit_error(e);
+                            act.fail(work, error);
+                        }
+                    }
+                    act.pump(ctx);
+                }));
+            }
+        }
+    }
+
+    fn after_failure(&mut self, panicked: bool) {
+        if panicked {
+            Stats::bump(&self.shared.stats.handler_panics);
+            // Restart from the last committed state: the handler ran on a copy, but reload
+            // anyway so nothing the panic may have touched survives.
+            self.loaded = None;
+        }
+    }
+
+    fn record_span(&self, work: &Work<E>, outcome: &str, revision: u64) {
+        let span = &work.span;
+        span.record(field::ATTEMPT, work.attempt);
+        span.record(field::REVISION, revision);
+        span.record(field::OUTCOME, outcome);
+        span.record(
+            field::DURATION_US,
+            work.started.elapsed().as_micros() as u64,
+        );
+    }
+
+    /// The message reached its outcome and it is durable: update the cache, count, log,
+    /// reply, and continue the drain it belongs to.
+    fn complete(&mut self, work: Work<E>, next: Option<Loaded<E::State>>, outcome: OutcomeOf<E>) {
+        if let Some(next) = next {
+            self.loaded = Some(next);
+        }
+        let revision = self.loaded.as_ref().map_or(0, |l| l.revision);
+        let kind = outcome.kind();
+        self.shared.stats.outcome(kind);
+        if work.source.inbox_key.is_some() {
+            Stats::drop_one(&self.shared.stats.inbox_pending);
+        }
+        self.record_span(&work, kind.as_str(), revision);
+        if self.shared.config.log_payloads {
+            tracing::info!(target: "keystead", parent: &work.span, outcome = kind.as_str(),
+                command = ?work.command, result = ?outcome, "keystead.outcome");
+        } else if kind == OutcomeKind::DeadLettered {
+            tracing::warn!(target: "keystead", parent: &work.span, outcome = kind.as_str(), "keystead.outcome");
+        } else {
+            tracing::info!(target: "keystead", parent: &work.span, outcome = kind.as_str(), "keystead.outcome");
+        }
+        if let Some(reply) = work.reply {
+            let _ = reply.send(Ok(outcome));
+        }
+        if let Some((up_to, ticket)) = work.drain {
+            self.queue.push_front(Job::Drain { up_to, ticket });
+        }
+        drop(work.ticket);
+    }
+
+    /// The message could not be processed now. An `ask` gets the error; an inbox message
+    /// stays in the inbox (nothing was committed) and its drain stops until the next
+    /// delivery or the next open.
+    fn fail(&mut self, mut work: Work<E>, error: SubmitError) {
+        work.span.record(field::OUTCOME, "error");
+        tracing::warn!(target: "keystead", parent: &work.span, error = %error,
+            "message not processed; an inbox message stays in the inbox");
+        if let Some(reply) = work.reply.take() {
+            let _ = reply.send(Err(error));
+        }
+    }
+
+    fn admin(
+        &mut self,
+        action: AdminAction,
+        message_id: String,
+        reply: oneshot::Sender<Result<bool, AdminError>>,
+        ticket: Ticket,
+        ctx: &mut Context<Self>,
+    ) {
+        let letter_key = keys::dead_letter(E::NAME, &self.key, &message_id);
+        let admin_error = |source| AdminError::Storage(source);
+        let bytes = match self.store.get(&letter_key) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                let _ = reply.send(Ok(false));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(admin_error(e)));
+                return;
+            }
+        };
+        let (ops, requeued_seq) = match action {
+            AdminAction::Purge => (vec![Op::Delete(letter_key)], None),
+            AdminAction::Requeue => {
+                let letter: DeadLetterRecord = match codec::decode("dead letter", &bytes) {
+                    Ok(letter) => letter,
+                    Err(source) => {
+                        let _ = reply.send(Err(AdminError::Decode {
+                            entity: E::NAME,
+                            key: self.key.clone(),
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                let seq = self.shared.next_seq();
+                let inbox = InboxRecord {
+                    meta: letter.meta,
+                    command: letter.command,
+                };
+                let inbox_bytes = match codec::encode(&inbox) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        let _ = reply.send(Err(AdminError::Storage(StoreError::Io {
+                            op: "requeue",
+                            source: std::io::Error::other(e),
+                        })));
+                        return;
+                    }
+                };
+                let mut ops = vec![
+                    Op::Delete(letter_key),
+                    Op::Put(keys::inbox(E::NAME, &self.key, seq), inbox_bytes),
+                ];
+                // The id keeps its identity: drop only the "dead-lettered" dedup record, so
+                // the requeued message is processed, and never a record of another outcome.
+                let dedup_key = keys::dedup(E::NAME, &self.key, &message_id);
+                if let Ok(Some(dedup)) = self.dedup_lookup(&message_id) {
+                    if matches!(dedup, Recorded::DeadLettered { .. }) {
+                        ops.push(Op::Delete(dedup_key));
+                    }
+                }
+                (ops, Some(seq))
+            }
+        };
+        self.busy = true;
+        let commit = self.store.commit(ops);
+        ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            match result {
+                Ok(()) => {
+                    if let Some(seq) = requeued_seq {
+                        Stats::bump(&act.shared.stats.inbox_pending);
+                        act.queue.push_front(Job::Drain { up_to: seq, ticket });
+                    }
+                    let _ = reply.send(Ok(true));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(AdminError::Storage(e)));
+                }
+            }
+            act.pump(ctx);
+        }));
+    }
+}
+
+/// FNV-1a, 64 bit: a stable hash for shard routing and jitter seeds.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+impl<E: Entity> Actor for EntityActor<E> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        Stats::bump(&self.shared.stats.activations);
+        Stats::bump(&self.shared.stats.live_entities);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        Stats::drop_one(&self.shared.stats.live_entities);
+        if self.stopping {
+            Stats::bump(&self.shared.stats.passivations);
+        }
+        self.shared.stats.notify();
+    }
+}
+
+impl<E: Entity> Handler<Forward<E>> for EntityActor<E> {
+    type Result = ();
+
+    fn handle(&mut self, Forward(job): Forward<E>, ctx: &mut Context<Self>) {
+        self.received += 1;
+        self.queue.push_back(job);
+        self.pump(ctx);
+    }
+}
+
+impl<E: Entity> Handler<Stop> for EntityActor<E> {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        self.stopping = true;
+        self.pump(ctx);
+    }
+}

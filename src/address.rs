@@ -1,0 +1,454 @@
+//! Typed addresses: [`EntityRef<E>`] accepts only `E`'s commands, so sending the wrong
+//! message type does not compile. [`Ask`] and [`Tell`] are builders that run when awaited.
+
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::oneshot;
+
+use crate::actor::{AdminAction, Job};
+use crate::apply::{Loaded, OutcomeOf};
+use crate::codec;
+use crate::entity::Entity;
+use crate::error::{AdminError, SubmitError};
+use crate::ids;
+use crate::keys::{self, MESSAGE_ID_LEN_MAX};
+use crate::records::{InboxRecord, Meta, StateRecord};
+use crate::runtime::{check_key, Inner};
+use crate::store::Op;
+use crate::supervisor::Deliver;
+
+/// The address of one entity: type `E`, key `key`.
+///
+/// Cheap to create and clone; it holds the runtime weakly, so keeping one does not keep a
+/// closed runtime (or its database lock) alive.
+///
+/// ```compile_fail
+/// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+/// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+/// # #[error("never")] struct Never;
+/// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct Counter;
+/// # impl Entity for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+/// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { Ok(*s) }
+/// # }
+/// # fn f(rt: &Runtime) {
+/// // A Counter takes u64 commands; a string does not compile.
+/// let _ = rt.entity::<Counter>("c").ask("not a counter command".to_string());
+/// # }
+/// ```
+pub struct EntityRef<E: Entity> {
+    inner: Weak<Inner>,
+    key: String,
+    _entity: PhantomData<fn() -> E>,
+}
+
+impl<E: Entity> Clone for EntityRef<E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            key: self.key.clone(),
+            _entity: PhantomData,
+        }
+    }
+}
+
+impl<E: Entity> std::fmt::Debug for EntityRef<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntityRef")
+            .field("entity", &E::NAME)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// An entity's committed state, as read by [`EntityRef::snapshot`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot<S> {
+    /// Changes applied so far (0 for an entity that has applied none).
+    pub revision: u64,
+    /// The highest source version applied, if any.
+    pub version: Option<u64>,
+    /// The state.
+    pub state: S,
+}
+
+/// What `tell` returns once the message is durably in the inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Accepted {
+    /// The message id (given or generated): resend with it to stay idempotent.
+    pub message_id: String,
+    /// The correlation id (given or generated).
+    pub correlation_id: String,
+}
+
+type Submit<T> = Pin<Box<dyn Future<Output = Result<T, SubmitError>> + Send>>;
+
+/// Options shared by `ask` and `tell`.
+#[derive(Debug, Default)]
+struct Options {
+    message_id: Option<String>,
+    correlation_id: Option<String>,
+    version: Option<u64>,
+}
+
+impl Options {
+    fn meta<E: Entity>(self, key: &str, now_ms: u64) -> Result<Meta, SubmitError> {
+        let message_id = match self.message_id {
+            Some(id) => {
+                let reason = if id.is_empty() {
+                    Some("the id is empty".to_string())
+                } else if id.len() > MESSAGE_ID_LEN_MAX {
+                    Some(format!(
+                        "the id is {} bytes, the limit is {MESSAGE_ID_LEN_MAX}",
+                        id.len()
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    return Err(SubmitError::InvalidMessageId {
+                        entity: E::NAME,
+                        key: key.to_string(),
+                        reason,
+                    });
+                }
+                id
+            }
+            None => ids::generate(),
+        };
+        Ok(Meta {
+            message_id,
+            correlation_id: self.correlation_id.unwrap_or_else(ids::generate),
+            version: self.version,
+            accepted_at_ms: now_ms,
+        })
+    }
+}
+
+impl<E: Entity> EntityRef<E> {
+    pub(crate) fn new(inner: Weak<Inner>, key: String) -> Self {
+        Self {
+            inner,
+            key,
+            _entity: PhantomData,
+        }
+    }
+
+    /// The entity key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Sends `command` and waits for its outcome. The returned builder sets options; await
+    /// it to send. The reply arrives only once the change is durable.
+    ///
+    /// See [`Runtime`](crate::Runtime) for an example.
+    pub fn ask(&self, command: E::Command) -> Ask<E> {
+        Ask {
+            target: self.clone(),
+            command,
+            options: Options::default(),
+            expected_revision: None,
+        }
+    }
+
+    /// Sends `command` fire-and-forget: awaiting it returns once the message is flushed to
+    /// the durable inbox; it is processed afterwards, even across a crash.
+    pub fn tell(&self, command: E::Command) -> Tell<E> {
+        Tell {
+            target: self.clone(),
+            command,
+            options: Options::default(),
+        }
+    }
+
+    fn runtime(&self) -> Result<Arc<Inner>, SubmitError> {
+        let inner = self.inner.upgrade().filter(|i| !i.is_closed());
+        let inner = inner.ok_or_else(|| SubmitError::Closed {
+            entity: E::NAME,
+            key: self.key.clone(),
+        })?;
+        if !inner.registered::<E>() {
+            return Err(SubmitError::NotRegistered { entity: E::NAME });
+        }
+        check_key(E::NAME, &self.key)?;
+        Ok(inner)
+    }
+
+    /// Reads the entity's committed state from the store (without activating its actor).
+    ///
+    /// # Errors
+    /// [`SubmitError::Decode`] if the stored state does not decode as `E::State`;
+    /// [`SubmitError::Storage`], [`SubmitError::Closed`], [`SubmitError::NotRegistered`].
+    pub fn snapshot(&self) -> Result<Snapshot<E::State>, SubmitError> {
+        let inner = self.runtime()?;
+        let bytes = inner
+            .store
+            .get(&keys::state(E::NAME, &self.key))
+            .map_err(|source| SubmitError::Storage {
+                entity: E::NAME,
+                key: self.key.clone(),
+                source,
+            })?;
+        let loaded = match bytes {
+            None => Loaded::default(),
+            Some(bytes) => {
+                let record: StateRecord<E::State> =
+                    codec::decode("state", &bytes).map_err(|source| SubmitError::Decode {
+                        entity: E::NAME,
+                        key: self.key.clone(),
+                        source,
+                    })?;
+                Loaded::from(record)
+            }
+        };
+        Ok(Snapshot {
+            revision: loaded.revision,
+            version: loaded.version,
+            state: loaded.state,
+        })
+    }
+
+    /// Moves the dead letter `message_id` back into this entity's inbox, keeping its id, and
+    /// processes it. Returns `false` if there is no such dead letter (so requeueing twice
+    /// cannot apply a message twice).
+    ///
+    /// # Errors
+    /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
+    pub async fn requeue(&self, message_id: &str) -> Result<bool, AdminError> {
+        self.admin(AdminAction::Requeue, message_id).await
+    }
+
+    /// Deletes the dead letter `message_id`. Returns `false` if there was none.
+    ///
+    /// # Errors
+    /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
+    pub async fn purge_dead_letter(&self, message_id: &str) -> Result<bool, AdminError> {
+        self.admin(AdminAction::Purge, message_id).await
+    }
+
+    async fn admin(&self, action: AdminAction, message_id: &str) -> Result<bool, AdminError> {
+        let inner = self.runtime().map_err(|e| match e {
+            SubmitError::NotRegistered { entity } => AdminError::NotRegistered { entity },
+            _ => AdminError::Closed,
+        })?;
+        let shard = inner.shard_index(E::NAME, &self.key);
+        let ticket = inner.admit(shard).await.ok_or(AdminError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job::<E>::Admin {
+            action,
+            message_id: message_id.to_string(),
+            reply,
+            ticket,
+        };
+        inner.shards[shard]
+            .addr
+            .try_send(Deliver {
+                key: self.key.clone(),
+                job,
+            })
+            .map_err(|_| AdminError::Closed)?;
+        drop(inner);
+        answer.await.unwrap_or(Err(AdminError::Interrupted {
+            entity: E::NAME,
+            key: self.key.clone(),
+        }))
+    }
+}
+
+/// An `ask` being built; await it to send. See [`EntityRef::ask`].
+#[must_use = "an Ask does nothing until awaited"]
+pub struct Ask<E: Entity> {
+    target: EntityRef<E>,
+    command: E::Command,
+    options: Options,
+    expected_revision: Option<u64>,
+}
+
+impl<E: Entity> std::fmt::Debug for Ask<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ask")
+            .field("target", &self.target)
+            .field("options", &self.options)
+            .field("expected_revision", &self.expected_revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Entity> Ask<E> {
+    /// The message id (idempotency key). Default: generated. Reuse the same id when you
+    /// retry, so the retry returns the first result instead of running twice.
+    pub fn id(mut self, message_id: impl Into<String>) -> Self {
+        self.options.message_id = Some(message_id.into());
+        self
+    }
+    /// The source version (a sequence or an updated-at). Default: none (never stale).
+    pub fn version(mut self, version: u64) -> Self {
+        self.options.version = Some(version);
+        self
+    }
+    /// Apply only if the entity is still at `revision`; otherwise fail with
+    /// [`SubmitError::Conflict`] and change nothing. Default: no check.
+    pub fn expect_revision(mut self, revision: u64) -> Self {
+        self.expected_revision = Some(revision);
+        self
+    }
+    /// The correlation id carried into logs. Default: generated.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.options.correlation_id = Some(id.into());
+        self
+    }
+}
+
+impl<E: Entity> IntoFuture for Ask<E> {
+    type Output = Result<OutcomeOf<E>, SubmitError>;
+    type IntoFuture = Submit<OutcomeOf<E>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let inner = self.target.runtime()?;
+            let key = self.target.key;
+            let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
+            let closed = || SubmitError::Closed {
+                entity: E::NAME,
+                key: key.clone(),
+            };
+            let shard = inner.shard_index(E::NAME, &key);
+            let ticket = inner.admit(shard).await.ok_or_else(closed)?;
+            let (reply, answer) = oneshot::channel();
+            let message_id = meta.message_id.clone();
+            let job = Job::<E>::Ask {
+                meta,
+                command: self.command,
+                expected_revision: self.expected_revision,
+                reply,
+                ticket,
+            };
+            inner.shards[shard]
+                .addr
+                .try_send(Deliver {
+                    key: key.clone(),
+                    job,
+                })
+                .map_err(|_| closed())?;
+            // Do not keep the runtime alive while waiting: a dropped runtime must be able
+            // to close its database.
+            drop(inner);
+            answer.await.unwrap_or_else(|_| {
+                Err(SubmitError::ReplyLost {
+                    entity: E::NAME,
+                    key,
+                    message_id,
+                })
+            })
+        })
+    }
+}
+
+/// A `tell` being built; await it to send. See [`EntityRef::tell`].
+#[must_use = "a Tell does nothing until awaited"]
+pub struct Tell<E: Entity> {
+    target: EntityRef<E>,
+    command: E::Command,
+    options: Options,
+}
+
+impl<E: Entity> std::fmt::Debug for Tell<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tell")
+            .field("target", &self.target)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Entity> Tell<E> {
+    /// The message id (idempotency key). Default: generated.
+    pub fn id(mut self, message_id: impl Into<String>) -> Self {
+        self.options.message_id = Some(message_id.into());
+        self
+    }
+    /// The source version. Default: none (never stale).
+    pub fn version(mut self, version: u64) -> Self {
+        self.options.version = Some(version);
+        self
+    }
+    /// The correlation id carried into logs. Default: generated.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.options.correlation_id = Some(id.into());
+        self
+    }
+}
+
+impl<E: Entity> IntoFuture for Tell<E> {
+    type Output = Result<Accepted, SubmitError>;
+    type IntoFuture = Submit<Accepted>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let inner = self.target.runtime()?;
+            let key = self.target.key;
+            let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
+            let command = codec::encode(&self.command).map_err(|reason| SubmitError::Encode {
+                entity: E::NAME,
+                key: key.clone(),
+                reason,
+            })?;
+            let max = inner.shared.config.message_size_max;
+            if command.len() > max {
+                return Err(SubmitError::TooLarge {
+                    entity: E::NAME,
+                    key,
+                    size: command.len(),
+                    max,
+                });
+            }
+            let shard = inner.shard_index(E::NAME, &key);
+            let ticket = inner
+                .admit(shard)
+                .await
+                .ok_or_else(|| SubmitError::Closed {
+                    entity: E::NAME,
+                    key: key.clone(),
+                })?;
+            let accepted = Accepted {
+                message_id: meta.message_id.clone(),
+                correlation_id: meta.correlation_id.clone(),
+            };
+            let record = InboxRecord { meta, command };
+            let bytes = codec::encode(&record).map_err(|reason| SubmitError::Encode {
+                entity: E::NAME,
+                key: key.clone(),
+                reason,
+            })?;
+            let seq = inner.shared.next_seq();
+            let commit = inner
+                .store
+                .commit(vec![Op::Put(keys::inbox(E::NAME, &key, seq), bytes)]);
+            commit.await.map_err(|source| SubmitError::Storage {
+                entity: E::NAME,
+                key: key.clone(),
+                source,
+            })?;
+            // Durable from here on: the message will be processed even if what follows
+            // fails (then at the next open).
+            crate::telemetry::Stats::bump(&inner.shared.stats.inbox_pending);
+            let job = Job::<E>::Drain { up_to: seq, ticket };
+            if inner.shards[shard]
+                .addr
+                .try_send(Deliver { key, job })
+                .is_err()
+            {
+                tracing::debug!(target: "keystead", "runtime closing; the accepted message waits in the inbox");
+            }
+            Ok(accepted)
+        })
+    }
+}

@@ -1,0 +1,122 @@
+//! The stored format: a format-version byte followed by the bincode 2 (serde) encoding.
+//!
+//! Every value keystead writes to disk goes through [`encode`] and comes back through
+//! [`decode`], so a later release can recognise old records by their first byte and migrate
+//! them. Decoding never panics: unknown versions, truncated input and trailing garbage are all
+//! reported as a [`DecodeError`].
+//!
+//! Stored types must round-trip through bincode: avoid `#[serde(flatten)]`, `#[serde(skip)]`
+//! and untagged enums in them (bincode is not self-describing and cannot decode those).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::DecodeError;
+
+/// The version byte that prefixes every stored value written by this release.
+pub const FORMAT_VERSION: u8 = 1;
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `value` as `[FORMAT_VERSION] ++ bincode(value)`.
+///
+/// # Errors
+/// Returns the serializer's message when the value cannot be encoded (for example a map with
+/// non-string keys is fine, but a type whose `Serialize` impl itself fails is not).
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.push(FORMAT_VERSION);
+    bincode::serde::encode_into_std_write(value, &mut bytes, config())
+        .map_err(|e| e.to_string())?;
+    debug_assert_eq!(
+        bytes[0], FORMAT_VERSION,
+        "the version byte leads every record"
+    );
+    Ok(bytes)
+}
+
+/// Decodes bytes written by [`encode`]; `what` names the record kind in the error.
+///
+/// # Errors
+/// [`DecodeError`] when the bytes are empty, carry an unknown format version, do not decode as
+/// `T`, or have bytes left over after `T`.
+pub(crate) fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty { what })?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::UnknownFormat {
+            what,
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| DecodeError::Malformed {
+            what,
+            reason: e.to_string(),
+        })?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes {
+            what,
+            extra: body.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Sample {
+        id: u64,
+        name: String,
+        tags: Vec<String>,
+        maybe: Option<i32>,
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(id in any::<u64>(), name in ".{0,40}", tags in proptest::collection::vec(".{0,8}", 0..5), maybe in any::<Option<i32>>()) {
+            let value = Sample { id, name, tags, maybe };
+            let bytes = encode(&value).expect("a plain struct encodes");
+            prop_assert_eq!(bytes[0], FORMAT_VERSION);
+            let back: Sample = decode("sample", &bytes).expect("what we wrote decodes");
+            prop_assert_eq!(back, value);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            // Any outcome is fine except a panic; errors must name the record kind.
+            if let Err(e) = decode::<Sample>("sample", &bytes) {
+                prop_assert!(e.to_string().contains("sample"));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_version_and_trailing_bytes() {
+        let mut bytes = encode(&7u64).expect("u64 encodes");
+        bytes[0] = 9;
+        assert!(matches!(
+            decode::<u64>("n", &bytes),
+            Err(DecodeError::UnknownFormat { found: 9, .. })
+        ));
+        let mut bytes = encode(&7u64).expect("u64 encodes");
+        bytes.push(0);
+        assert!(matches!(
+            decode::<u64>("n", &bytes),
+            Err(DecodeError::TrailingBytes { extra: 1, .. })
+        ));
+        assert!(matches!(
+            decode::<u64>("n", &[]),
+            Err(DecodeError::Empty { .. })
+        ));
+    }
+}

@@ -1,0 +1,62 @@
+//! Dead letters: messages whose attempts ran out, kept with their last error so an operator
+//! can inspect, requeue (same id) or purge them.
+
+use crate::codec;
+use crate::entity::Entity;
+use crate::error::{AdminError, DecodeError};
+use crate::keys::{self, Space};
+use crate::records::DeadLetterRecord;
+
+/// One dead letter of entity type `E`, as listed by
+/// [`Runtime::dead_letters`](crate::Runtime::dead_letters).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct DeadLetter<E: Entity> {
+    /// The entity key.
+    pub key: String,
+    /// The message id (kept on requeue).
+    pub message_id: String,
+    /// The correlation id.
+    pub correlation_id: String,
+    /// The source version the message carried, if any.
+    pub version: Option<u64>,
+    /// The command, or why it does not decode (a command kept from an incompatible type).
+    pub command: Result<E::Command, DecodeError>,
+    /// The last error, as text.
+    pub error: String,
+    /// Attempts made (0 for an inbox entry that could not even be decoded).
+    pub attempts: u32,
+    /// When the message was accepted, ms since the epoch.
+    pub accepted_at_ms: u64,
+    /// When the first attempt failed.
+    pub first_failed_at_ms: u64,
+    /// When the last attempt failed.
+    pub last_failed_at_ms: u64,
+}
+
+impl<E: Entity> DeadLetter<E> {
+    pub(crate) fn from_stored(key: &[u8], value: &[u8]) -> Result<Self, AdminError> {
+        let parsed = keys::parse(Space::DeadLetter, key);
+        let entity_key = parsed
+            .as_ref()
+            .map_or_else(String::new, |p| p.key.to_string());
+        let record: DeadLetterRecord =
+            codec::decode("dead letter", value).map_err(|source| AdminError::Decode {
+                entity: E::NAME,
+                key: entity_key.clone(),
+                source,
+            })?;
+        Ok(Self {
+            key: entity_key,
+            message_id: record.meta.message_id,
+            correlation_id: record.meta.correlation_id,
+            version: record.meta.version,
+            command: codec::decode("command", &record.command),
+            error: record.error,
+            attempts: record.attempts,
+            accepted_at_ms: record.meta.accepted_at_ms,
+            first_failed_at_ms: record.first_failed_at_ms,
+            last_failed_at_ms: record.last_failed_at_ms,
+        })
+    }
+}

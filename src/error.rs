@@ -1,0 +1,340 @@
+//! Errors, one enum per boundary: opening a runtime ([`OpenError`]), submitting a message
+//! ([`SubmitError`]), operator actions ([`AdminError`]), the store ([`StoreError`]) and decoding
+//! stored bytes ([`DecodeError`]).
+//!
+//! An expected result is not an error: a duplicate, a stale message, a rejection by the
+//! handler and a dead-lettered message are [`Outcome`](crate::Outcome)s. Every variant that
+//! concerns one entity names its type and key, and every message says what to do.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Stored bytes that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The stored value is empty.
+    #[error("stored {what} is empty; the record is damaged, restore it or delete it")]
+    Empty {
+        /// The record kind (state, dedup, inbox, dead letter, command).
+        what: &'static str,
+    },
+    /// The stored value starts with a format version this release does not know.
+    #[error("stored {what} has format version {found}, this release reads version {supported}; open it with the release that wrote it")]
+    UnknownFormat {
+        /// The record kind.
+        what: &'static str,
+        /// The version byte found.
+        found: u8,
+        /// The version this release reads.
+        supported: u8,
+    },
+    /// The bytes do not decode as the expected type.
+    #[error("stored {what} does not decode ({reason}); was it written by an incompatible type? restore it or migrate it")]
+    Malformed {
+        /// The record kind.
+        what: &'static str,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// Bytes remain after the value.
+    #[error("stored {what} has {extra} unexpected trailing bytes; was it written by an incompatible type?")]
+    TrailingBytes {
+        /// The record kind.
+        what: &'static str,
+        /// How many bytes were left over.
+        extra: usize,
+    },
+}
+
+/// A failure of the store (sled) or of the commit path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The disk or the database reported an error (full disk, read-only directory, I/O error).
+    #[error("storage failed during {op}: {source}; check disk space and permissions, then retry")]
+    Io {
+        /// What keystead was doing.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The database reported corruption.
+    #[error("the database reports corruption during {op}: {detail}; restore the directory from a backup")]
+    Corrupt {
+        /// What keystead was doing.
+        op: &'static str,
+        /// The database's description.
+        detail: String,
+    },
+    /// The commit path has stopped (the runtime is shutting down).
+    #[error("the commit path is closed; the runtime is shutting down, open it again")]
+    Closed,
+    /// The commit queue is full: more writes are waiting than the runtime admits.
+    #[error("the commit queue is full; retry, or raise RuntimeBuilder::in_flight_max")]
+    Busy,
+}
+
+impl StoreError {
+    /// True when the same operation may succeed later (an I/O error can clear; corruption and a
+    /// closed runtime do not clear by waiting).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io { .. } | StoreError::Busy)
+    }
+
+    /// A copy for each caller of a failed group commit (an `io::Error` is not `Clone`).
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Io { op, source } => StoreError::Io {
+                op,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            StoreError::Corrupt { op, detail } => StoreError::Corrupt {
+                op,
+                detail: detail.clone(),
+            },
+            StoreError::Closed => StoreError::Closed,
+            StoreError::Busy => StoreError::Busy,
+        }
+    }
+
+    pub(crate) fn from_sled(op: &'static str, e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(source) => StoreError::Io { op, source },
+            sled::Error::Corruption { at, .. } => StoreError::Corrupt {
+                op,
+                detail: format!("at {at:?}"),
+            },
+            other => StoreError::Io {
+                op,
+                source: io::Error::other(other.to_string()),
+            },
+        }
+    }
+}
+
+/// Opening a runtime failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// A setting is out of range.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidConfig {
+        /// The builder method concerned.
+        setting: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// Two entity types were registered under the same name, or a name is unusable.
+    #[error("entity type name {name:?} is not usable: {reason}")]
+    EntityName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Another process (or another runtime in this process) has the database open.
+    #[error("the database at {path:?} is already open elsewhere ({detail}); stop the other runtime or process, or choose another directory")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// The lock error.
+        detail: String,
+    },
+    /// The directory could not be created, read or written.
+    #[error("cannot use the directory {path:?}: {source}; check that it exists, is writable and the disk has room")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The database could not be opened or scanned.
+    #[error("cannot open the database at {path:?}: {source}")]
+    Store {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: StoreError,
+    },
+    /// The directory holds data in a layout this release does not read.
+    #[error("the database at {path:?} has layout {found:?}, this release reads {expected:?}; open it with the release that wrote it")]
+    Layout {
+        /// The directory.
+        path: PathBuf,
+        /// The layout found.
+        found: String,
+        /// The layout this release reads.
+        expected: String,
+    },
+    /// The runtime's threads could not be started.
+    #[error("cannot start the runtime's threads: {0}")]
+    Threads(String),
+}
+
+/// Submitting a message with `ask` or `tell` failed. Nothing was acknowledged unless the
+/// variant says so.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The runtime was shut down or dropped.
+    #[error("the runtime is closed; open it again to send to {entity} {key:?}")]
+    Closed {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+    },
+    /// The entity type was not registered with the runtime.
+    #[error("entity type {entity} is not registered; call RuntimeBuilder::register::<{entity}>() before open()")]
+    NotRegistered {
+        /// Entity type.
+        entity: &'static str,
+    },
+    /// The key is empty or too long.
+    #[error("invalid key for {entity}: {reason}")]
+    InvalidKey {
+        /// Entity type.
+        entity: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The message id is empty or too long.
+    #[error("invalid message id for {entity} {key:?}: {reason}")]
+    InvalidMessageId {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The encoded command is larger than the configured limit.
+    #[error("command for {entity} {key:?} is {size} bytes, over the limit of {max}; send a reference to the data instead, or raise RuntimeBuilder::message_size_max")]
+    TooLarge {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The command, reply or error could not be encoded.
+    #[error(
+        "cannot encode a value for {entity} {key:?}: {reason}; check its Serialize implementation"
+    )]
+    Encode {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// The encoder's message.
+        reason: String,
+    },
+    /// `expected_revision` did not match: nothing changed.
+    #[error("{entity} {key:?} changed: expected revision {expected}, found {actual}; reload it and retry")]
+    Conflict {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// The revision the caller expected.
+        expected: u64,
+        /// The entity's current revision.
+        actual: u64,
+    },
+    /// The entity's stored state (or a stored reply) does not decode; the message was not
+    /// applied and stays recoverable.
+    #[error("{entity} {key:?}: {source}")]
+    Decode {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// What failed to decode.
+        #[source]
+        source: DecodeError,
+    },
+    /// The store failed; nothing was acknowledged.
+    #[error("{entity} {key:?}: {source}")]
+    Storage {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The runtime stopped before the reply arrived. The message may or may not have been
+    /// applied: send it again with the same message id to learn its outcome.
+    #[error("no reply from {entity} {key:?} for message {message_id:?}: the runtime stopped; send it again with the same message id")]
+    ReplyLost {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// The id to resend with.
+        message_id: String,
+    },
+}
+
+impl SubmitError {
+    /// True when sending the same message again (same id) may succeed without changes.
+    ///
+    /// ```
+    /// let e = keystead::SubmitError::NotRegistered { entity: "order" };
+    /// assert!(!e.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SubmitError::Storage { source, .. } => source.is_retryable(),
+            SubmitError::ReplyLost { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// An operator action (dead letters, dedup purge) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The runtime was shut down or dropped.
+    #[error("the runtime is closed; open it again")]
+    Closed,
+    /// The entity type was not registered with the runtime.
+    #[error("entity type {entity} is not registered; call RuntimeBuilder::register::<{entity}>() before open()")]
+    NotRegistered {
+        /// Entity type.
+        entity: &'static str,
+    },
+    /// The store failed.
+    #[error("{0}")]
+    Storage(#[from] StoreError),
+    /// A stored record does not decode.
+    #[error("{entity} {key:?}: {source}")]
+    Decode {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// What failed.
+        #[source]
+        source: DecodeError,
+    },
+    /// The runtime stopped before the action completed; it may have taken effect.
+    #[error(
+        "the runtime stopped before the action on {entity} {key:?} completed; check and retry"
+    )]
+    Interrupted {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+    },
+}

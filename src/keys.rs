@@ -1,0 +1,165 @@
+//! The layout of keys in keystead's one sled tree.
+//!
+//! Every record lives in one tree so that a whole commit is one atomic `apply_batch`. A key is
+//! `keyspace byte ++ entity prefix ++ suffix`, where the entity prefix is
+//! `len(type) as u8 ++ type ++ len(key) as u16 big-endian ++ key`. The length prefixes make the
+//! encoding prefix-free, so within a keyspace one entity's records are contiguous and a
+//! prefix scan returns exactly that entity's records, in a stable (byte) order.
+//!
+//! | keyspace | suffix | value |
+//! |---|---|---|
+//! | `S` state | none | `StateRecord` |
+//! | `D` dedup | message id bytes | `DedupRecord` |
+//! | `I` inbox | sequence, u64 big-endian | `InboxRecord` |
+//! | `L` dead letters | message id bytes | `DeadLetterRecord` |
+//! | `M` meta | a name | small markers (layout version) |
+
+/// The keyspace byte that leads a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Space {
+    State = b'S',
+    Dedup = b'D',
+    Inbox = b'I',
+    DeadLetter = b'L',
+    Meta = b'M',
+}
+
+/// The longest entity type name accepted (it is stored with a one-byte length).
+pub const ENTITY_NAME_LEN_MAX: usize = 255;
+/// The longest entity key accepted, in bytes (it is stored with a two-byte length).
+pub const ENTITY_KEY_LEN_MAX: usize = 1024;
+/// The longest message id accepted, in bytes.
+pub const MESSAGE_ID_LEN_MAX: usize = 255;
+
+/// Writes `space ++ entity prefix` for `(entity, key)`.
+///
+/// The caller has validated both lengths; the asserts guard the invariant that makes the
+/// layout prefix-free.
+pub(crate) fn entity_prefix(space: Space, entity: &str, key: &str) -> Vec<u8> {
+    assert!(
+        entity.len() <= ENTITY_NAME_LEN_MAX,
+        "entity names are validated at registration"
+    );
+    assert!(
+        key.len() <= ENTITY_KEY_LEN_MAX,
+        "keys are validated before they reach storage"
+    );
+    let mut out = Vec::with_capacity(4 + entity.len() + key.len() + 16);
+    out.push(space as u8);
+    out.push(entity.len() as u8);
+    out.extend_from_slice(entity.as_bytes());
+    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// The key of an entity's state record.
+pub(crate) fn state(entity: &str, key: &str) -> Vec<u8> {
+    entity_prefix(Space::State, entity, key)
+}
+
+/// The key of a dedup record for one message id of one entity.
+pub(crate) fn dedup(entity: &str, key: &str, message_id: &str) -> Vec<u8> {
+    let mut out = entity_prefix(Space::Dedup, entity, key);
+    out.extend_from_slice(message_id.as_bytes());
+    out
+}
+
+/// The key of an inbox entry; `seq` orders one entity's entries.
+pub(crate) fn inbox(entity: &str, key: &str, seq: u64) -> Vec<u8> {
+    let mut out = entity_prefix(Space::Inbox, entity, key);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// The key of a dead letter.
+pub(crate) fn dead_letter(entity: &str, key: &str, message_id: &str) -> Vec<u8> {
+    let mut out = entity_prefix(Space::DeadLetter, entity, key);
+    out.extend_from_slice(message_id.as_bytes());
+    out
+}
+
+/// The key of a meta record.
+pub(crate) fn meta(name: &str) -> Vec<u8> {
+    let mut out = vec![Space::Meta as u8];
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// A key split back into its parts. Borrowed from the key bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Parsed<'a> {
+    pub entity: &'a str,
+    pub key: &'a str,
+    pub suffix: &'a [u8],
+}
+
+/// Splits a key of `space` into entity, key and suffix; `None` when the bytes are not a
+/// well-formed key of that keyspace (never panics on arbitrary bytes).
+pub(crate) fn parse(space: Space, bytes: &[u8]) -> Option<Parsed<'_>> {
+    let (&lead, rest) = bytes.split_first()?;
+    if lead != space as u8 {
+        return None;
+    }
+    let (&name_len, rest) = rest.split_first()?;
+    let name_len = usize::from(name_len);
+    if rest.len() < name_len + 2 {
+        return None;
+    }
+    let (entity, rest) = rest.split_at(name_len);
+    let (key_len, rest) = rest.split_at(2);
+    let key_len = usize::from(u16::from_be_bytes([key_len[0], key_len[1]]));
+    if rest.len() < key_len {
+        return None;
+    }
+    let (key, suffix) = rest.split_at(key_len);
+    Some(Parsed {
+        entity: std::str::from_utf8(entity).ok()?,
+        key: std::str::from_utf8(key).ok()?,
+        suffix,
+    })
+}
+
+/// Reads an inbox suffix back as its sequence number.
+pub(crate) fn inbox_seq(suffix: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = suffix.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn one_entity_is_contiguous_and_ordered() {
+        let a1 = inbox("order", "a", 1);
+        let a2 = inbox("order", "a", 2);
+        let ab = inbox("order", "ab", 0);
+        let prefix = entity_prefix(Space::Inbox, "order", "a");
+        assert!(a1.starts_with(&prefix) && a2.starts_with(&prefix));
+        assert!(
+            !ab.starts_with(&prefix),
+            "key 'ab' must not fall under key 'a'"
+        );
+        assert!(a1 < a2, "sequence orders one entity's inbox");
+    }
+
+    proptest! {
+        #[test]
+        fn parse_inverts_the_layout(entity in "[a-z]{1,20}", key in ".{0,60}", seq in any::<u64>()) {
+            let bytes = inbox(&entity, &key, seq);
+            let parsed = parse(Space::Inbox, &bytes).expect("a key we built parses");
+            prop_assert_eq!(parsed.entity, entity.as_str());
+            prop_assert_eq!(parsed.key, key.as_str());
+            prop_assert_eq!(inbox_seq(parsed.suffix), Some(seq));
+        }
+
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse(Space::Inbox, &bytes);
+            let _ = parse(Space::Dedup, &bytes);
+        }
+    }
+}

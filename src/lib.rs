@@ -1,0 +1,104 @@
+//! # keystead
+//!
+//! Race-free entity updates and background jobs inside one binary. Every entity (an order, a
+//! customer) has one home: a single actor that owns its state and applies its messages one at
+//! a time. A sled database on local disk holds the durable inbox, each entity's state,
+//! revision and version, and a dedup store of processed message ids with their stored
+//! replies.
+//!
+//! What that buys, in plain words:
+//! - a double-clicked "Pay" or a retry after a timeout that had succeeded returns the first
+//!   result (`Duplicate`) instead of running twice;
+//! - a late event with an older version is dropped (`Stale`) instead of overwriting newer
+//!   truth;
+//! - two tabs saving from the same revision: one wins, the other gets `Conflict`;
+//! - a `tell` that returned `Ok` is on disk and will be processed, even across a crash;
+//! - every message ends with exactly one outcome.
+//!
+//! ```
+//! use keystead::{Context, Entity, Failure, FailureKind, Outcome, Runtime};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+//! struct Order { paid_cents: u64 }
+//!
+//! #[derive(Debug, Serialize, Deserialize)]
+//! enum OrderCmd { Pay { cents: u64 } }
+//!
+//! #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+//! enum OrderError { #[error("already paid")] AlreadyPaid }
+//! impl Failure for OrderError {
+//!     fn kind(&self) -> FailureKind { FailureKind::Permanent }
+//! }
+//!
+//! struct OrderEntity;
+//! impl Entity for OrderEntity {
+//!     const NAME: &'static str = "order";
+//!     type State = Order;
+//!     type Command = OrderCmd;
+//!     type Reply = String;
+//!     type Error = OrderError;
+//!     fn handle(state: &mut Order, cmd: &OrderCmd, ctx: &mut Context<'_>) -> Result<String, OrderError> {
+//!         match cmd {
+//!             OrderCmd::Pay { cents } if state.paid_cents == 0 => {
+//!                 state.paid_cents = *cents;
+//!                 Ok(format!("receipt for {} ({})", ctx.key(), ctx.message_id()))
+//!             }
+//!             OrderCmd::Pay { .. } => Err(OrderError::AlreadyPaid),
+//!         }
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let rt = Runtime::builder(dir.path()).register::<OrderEntity>().open()?;
+//! let order = rt.entity::<OrderEntity>("o-42");
+//!
+//! // The user double-clicks "Pay": both requests carry the same idempotency key.
+//! let (a, b) = tokio::join!(
+//!     order.ask(OrderCmd::Pay { cents: 1999 }).id("pay-o-42"),
+//!     order.ask(OrderCmd::Pay { cents: 1999 }).id("pay-o-42"),
+//! );
+//! let (a, b) = (a?, b?);
+//! assert_eq!(a.reply(), b.reply(), "both callers get the same receipt");
+//! assert_eq!(order.snapshot()?.revision, 1, "charged once");
+//! rt.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! See `docs/architecture.md` for the life of a message and where each guarantee is
+//! enforced.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod actor;
+mod address;
+mod apply;
+mod clock;
+mod codec;
+mod dead_letter;
+mod entity;
+mod error;
+mod ids;
+mod keys;
+mod outcome;
+mod records;
+mod retry;
+mod runtime;
+mod store;
+mod supervisor;
+pub mod telemetry;
+
+pub use address::{Accepted, Ask, EntityRef, Snapshot, Tell};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use codec::FORMAT_VERSION;
+pub use dead_letter::DeadLetter;
+pub use entity::{Context, Entity, Failure, FailureKind};
+pub use error::{AdminError, DecodeError, OpenError, StoreError, SubmitError};
+pub use keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
+pub use outcome::{Outcome, OutcomeKind, Recorded};
+pub use retry::RetryPolicy;
+pub use runtime::{Runtime, RuntimeBuilder};
+pub use telemetry::RuntimeStats;

@@ -1,0 +1,829 @@
+//! The runtime: opening the store, starting the shards, recovering the inbox, admitting
+//! messages, and shutting down.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::Duration;
+
+use actix::prelude::*;
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::actor::{fnv1a, Job};
+use crate::address::EntityRef;
+use crate::clock::{Clock, SystemClock};
+use crate::codec;
+use crate::dead_letter::DeadLetter;
+use crate::entity::Entity;
+use crate::error::{AdminError, OpenError, StoreError, SubmitError};
+use crate::keys::{self, Space, ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX};
+use crate::records::DedupStamp;
+use crate::retry::RetryPolicy;
+use crate::store::{Store, StoreConfig};
+use crate::supervisor::{Deliver, Shard};
+use crate::telemetry::{RuntimeStats, Stats};
+
+/// Settings fixed at open.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub retry: RetryPolicy,
+    pub dedup_retention: Duration,
+    pub dedup_purge_every: Duration,
+    pub passivate_after: Duration,
+    pub message_size_max: usize,
+    pub in_flight_max: usize,
+    pub log_payloads: bool,
+}
+
+/// State shared by the runtime's parts.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub stats: Stats,
+    seq: AtomicU64,
+}
+
+impl Shared {
+    /// The next inbox sequence number. Starts above every sequence found at open, so new
+    /// entries always sort after recovered ones.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Admission: a caller holds one ticket from the moment it is admitted until its message is
+/// finished (for `tell`, until the inbox entry is retired). Tickets bound every in-memory
+/// queue: shard mailboxes, actor queues and the commit queue.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        Stats::drop_one(&self.shared.stats.in_flight);
+        self.shared.stats.notify();
+    }
+}
+
+pub(crate) struct ShardRef {
+    pub addr: Addr<Shard>,
+    pub permits: Arc<Semaphore>,
+}
+
+/// How to wake a registered entity type's actor without knowing its Rust type.
+#[derive(Clone, Copy)]
+struct Registration {
+    type_id: TypeId,
+    wake: fn(&Inner, String, Ticket) -> bool,
+}
+
+fn wake<E: Entity>(inner: &Inner, key: String, ticket: Ticket) -> bool {
+    let shard = inner.shard_index(E::NAME, &key);
+    let job = Job::<E>::Drain {
+        up_to: u64::MAX,
+        ticket,
+    };
+    inner.shards[shard]
+        .addr
+        .try_send(Deliver { key, job })
+        .is_ok()
+}
+
+struct Threads {
+    system: System,
+    system_thread: Option<thread::JoinHandle<()>>,
+    arbiters: Vec<Arbiter>,
+    purge_stop: Option<Sender<()>>,
+    purge_thread: Option<thread::JoinHandle<()>>,
+}
+
+/// The runtime's internals; entity handles hold it weakly.
+pub(crate) struct Inner {
+    pub shared: Arc<Shared>,
+    pub store: Arc<Store>,
+    pub shards: Vec<ShardRef>,
+    registry: HashMap<&'static str, Registration>,
+    closed: AtomicBool,
+    threads: Mutex<Option<Threads>>,
+    path: PathBuf,
+}
+
+impl Inner {
+    pub(crate) fn shard_index(&self, entity: &str, key: &str) -> usize {
+        let mut hash = fnv1a(entity.as_bytes());
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        hash ^= fnv1a(key.as_bytes());
+        (hash % self.shards.len() as u64) as usize
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Checks that `E` is registered under its name.
+    pub(crate) fn registered<E: Entity>(&self) -> bool {
+        self.registry
+            .get(E::NAME)
+            .is_some_and(|r| r.type_id == TypeId::of::<E>())
+    }
+
+    /// Waits for a ticket on `shard`: this is where callers feel backpressure.
+    pub(crate) async fn admit(&self, shard: usize) -> Option<Ticket> {
+        let permits = self.shards[shard].permits.clone();
+        let permit = permits.acquire_owned().await.ok()?;
+        if self.is_closed() {
+            return None;
+        }
+        Stats::bump(&self.shared.stats.in_flight);
+        Some(Ticket {
+            _permit: permit,
+            shared: self.shared.clone(),
+        })
+    }
+
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for shard in &self.shards {
+            shard.permits.close();
+        }
+        let Some(mut threads) = self.threads.lock().take() else {
+            return;
+        };
+        if let Some(stop) = threads.purge_stop.take() {
+            drop(stop);
+        }
+        if let Some(handle) = threads.purge_thread.take() {
+            let _ = handle.join();
+        }
+        for arbiter in &threads.arbiters {
+            arbiter.stop();
+        }
+        for arbiter in threads.arbiters.drain(..) {
+            let _ = arbiter.join();
+        }
+        threads.system.stop();
+        if let Some(handle) = threads.system_thread.take() {
+            let _ = handle.join();
+        }
+        self.store.close();
+        self.shared.stats.notify();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Validates an entity key.
+pub(crate) fn check_key(entity: &'static str, key: &str) -> Result<(), SubmitError> {
+    let reason = if key.is_empty() {
+        "the key is empty; give every entity a non-empty key".to_string()
+    } else if key.len() > ENTITY_KEY_LEN_MAX {
+        format!(
+            "the key is {} bytes, the limit is {ENTITY_KEY_LEN_MAX}",
+            key.len()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(SubmitError::InvalidKey { entity, reason })
+}
+
+/// Configures and opens a [`Runtime`].
+///
+/// ```
+/// use std::time::Duration;
+/// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+/// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+/// # #[error("never")] struct Never;
+/// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct Counter;
+/// # impl Entity for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+/// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+/// # }
+/// let dir = tempfile::tempdir()?;
+/// let rt = Runtime::builder(dir.path())
+///     .shards(2)
+///     .passivate_after(Duration::from_secs(60))
+///     .register::<Counter>()
+///     .open()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use]
+pub struct RuntimeBuilder {
+    path: PathBuf,
+    shards: usize,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    cache_bytes: u64,
+    batch_messages_max: usize,
+    registry: HashMap<&'static str, Registration>,
+    registry_error: Option<OpenError>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("path", &self.path)
+            .field("shards", &self.shards)
+            .field("config", &self.config)
+            .field("entities", &self.registry.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeBuilder {
+    fn new(path: PathBuf) -> Self {
+        let shards = thread::available_parallelism().map_or(2, usize::from);
+        Self {
+            path,
+            shards,
+            config: Config {
+                retry: RetryPolicy::default(),
+                dedup_retention: Duration::from_secs(24 * 3600),
+                dedup_purge_every: Duration::from_secs(3600),
+                passivate_after: Duration::from_secs(60),
+                message_size_max: 1 << 20,
+                in_flight_max: 1024,
+                log_payloads: false,
+            },
+            clock: Arc::new(SystemClock),
+            cache_bytes: 64 << 20,
+            batch_messages_max: 1024,
+            registry: HashMap::new(),
+            registry_error: None,
+        }
+    }
+
+    /// Registers entity type `E`. Every type you send to must be registered, so that the
+    /// runtime can process its recovered inbox entries after a restart.
+    pub fn register<E: Entity>(mut self) -> Self {
+        let name = E::NAME;
+        let problem = if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX {
+            Some(format!("names must be 1 to {ENTITY_NAME_LEN_MAX} bytes"))
+        } else {
+            match self.registry.get(name) {
+                Some(r) if r.type_id != TypeId::of::<E>() => Some(
+                    "another entity type is registered under this name; names must be unique"
+                        .into(),
+                ),
+                _ => None,
+            }
+        };
+        if let Some(reason) = problem {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason,
+            });
+            return self;
+        }
+        self.registry.insert(
+            name,
+            Registration {
+                type_id: TypeId::of::<E>(),
+                wake: wake::<E>,
+            },
+        );
+        self
+    }
+
+    /// The number of shards (actix Arbiters, one thread each). Default: the number of
+    /// available cores.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// How retryable failures are retried. Default: [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// How long a processed message id is remembered. Default: 24 hours. A message whose id
+    /// has aged out is processed as new.
+    pub fn dedup_retention(mut self, retention: Duration) -> Self {
+        self.config.dedup_retention = retention;
+        self
+    }
+
+    /// How often the background purge of expired dedup records runs. Default: 1 hour.
+    pub fn dedup_purge_every(mut self, every: Duration) -> Self {
+        self.config.dedup_purge_every = every;
+        self
+    }
+
+    /// How long an entity actor may stay idle before it stops and frees its memory.
+    /// Default: 60 s.
+    pub fn passivate_after(mut self, idle: Duration) -> Self {
+        self.config.passivate_after = idle;
+        self
+    }
+
+    /// The largest encoded command `tell` accepts, in bytes. Default: 1 MiB.
+    pub fn message_size_max(mut self, bytes: usize) -> Self {
+        self.config.message_size_max = bytes;
+        self
+    }
+
+    /// How many messages one shard admits at once; further callers wait. Default: 1024.
+    pub fn in_flight_max(mut self, messages: usize) -> Self {
+        self.config.in_flight_max = messages;
+        self
+    }
+
+    /// The most messages in one group commit. Default: 1024.
+    pub fn batch_messages_max(mut self, messages: usize) -> Self {
+        self.batch_messages_max = messages;
+        self
+    }
+
+    /// sled's page cache size in bytes. Default: 64 MiB.
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// The clock handlers and retention read. Default: [`SystemClock`].
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Log commands and outcomes (payloads) in the outcome event. Default: off, so secrets
+    /// in commands and replies stay out of logs.
+    pub fn log_payloads(mut self, on: bool) -> Self {
+        self.config.log_payloads = on;
+        self
+    }
+
+    fn validate(&self) -> Result<(), OpenError> {
+        let invalid = |setting, reason: &str| {
+            Err(OpenError::InvalidConfig {
+                setting,
+                reason: reason.to_string(),
+            })
+        };
+        if self.shards == 0 || self.shards > 1024 {
+            return invalid("shards", "must be between 1 and 1024");
+        }
+        if self.config.in_flight_max == 0 || self.config.in_flight_max > 1 << 20 {
+            return invalid("in_flight_max", "must be between 1 and 1048576");
+        }
+        if self.batch_messages_max == 0 {
+            return invalid("batch_messages_max", "must be at least 1");
+        }
+        if self.config.message_size_max == 0 {
+            return invalid("message_size_max", "must be at least 1 byte");
+        }
+        if self.config.passivate_after.is_zero() {
+            return invalid("passivate_after", "must be longer than zero");
+        }
+        if self.config.dedup_retention.is_zero() {
+            return invalid("dedup_retention", "must be longer than zero");
+        }
+        if self.config.dedup_purge_every.is_zero() {
+            return invalid("dedup_purge_every", "must be longer than zero");
+        }
+        if self.cache_bytes < 1 << 20 {
+            return invalid("cache_bytes", "must be at least 1 MiB");
+        }
+        if let Err(reason) = self.config.retry.validate() {
+            return invalid("retry", &reason);
+        }
+        Ok(())
+    }
+
+    /// Opens the database (creating it if needed), starts the shards, and starts processing
+    /// every message left in the inbox by an earlier run.
+    ///
+    /// # Errors
+    /// [`OpenError`] for an invalid setting, a duplicate entity name, a database held by
+    /// another process, an unusable directory, or data in a foreign layout.
+    pub fn open(mut self) -> Result<Runtime, OpenError> {
+        if let Some(e) = self.registry_error.take() {
+            return Err(e);
+        }
+        self.validate()?;
+        let total_in_flight = self.config.in_flight_max * self.shards;
+        let store = Store::open(&StoreConfig {
+            path: self.path.clone(),
+            cache_bytes: self.cache_bytes,
+            batch_messages_max: self.batch_messages_max,
+            queue_max: total_in_flight + 1024,
+        })?;
+        let scan = scan_inbox(&store).map_err(|source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            config: self.config.clone(),
+            clock: self.clock.clone(),
+            stats: Stats::default(),
+            seq: AtomicU64::new(scan.seq_max.map_or(1, |s| s.saturating_add(1))),
+        });
+        shared
+            .stats
+            .inbox_pending
+            .store(scan.entries, Ordering::Release);
+
+        let (system, system_thread, arbiters, addrs) =
+            start_system(self.shards, shared.clone(), store.clone())?;
+        let shards = addrs
+            .into_iter()
+            .map(|addr| ShardRef {
+                addr,
+                permits: Arc::new(Semaphore::new(self.config.in_flight_max)),
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            shared: shared.clone(),
+            store: store.clone(),
+            shards,
+            registry: self.registry,
+            closed: AtomicBool::new(false),
+            threads: Mutex::new(None),
+            path: self.path.clone(),
+        });
+        let (purge_stop, purge_thread) = start_purge(Arc::downgrade(&inner))?;
+        *inner.threads.lock() = Some(Threads {
+            system,
+            system_thread: Some(system_thread),
+            arbiters,
+            purge_stop: Some(purge_stop),
+            purge_thread: Some(purge_thread),
+        });
+        start_recovery(&inner, scan.entities);
+        tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
+            recovered_messages = scan.entries, "runtime open");
+        Ok(Runtime { inner })
+    }
+}
+
+struct InboxScan {
+    entries: u64,
+    seq_max: Option<u64>,
+    entities: Vec<(String, String)>,
+}
+
+/// Counts the inbox, finds its highest sequence and the entities that have entries.
+fn scan_inbox(store: &Store) -> Result<InboxScan, StoreError> {
+    let mut scan = InboxScan {
+        entries: 0,
+        seq_max: None,
+        entities: Vec::new(),
+    };
+    for entry in store.scan_prefix(&[Space::Inbox as u8])? {
+        let (key, _) = entry?;
+        scan.entries += 1;
+        let Some(parsed) = keys::parse(Space::Inbox, &key) else {
+            tracing::error!(target: "keystead", "malformed inbox key skipped at recovery");
+            continue;
+        };
+        if let Some(seq) = keys::inbox_seq(parsed.suffix) {
+            scan.seq_max = Some(scan.seq_max.map_or(seq, |m| m.max(seq)));
+        }
+        let is_new = scan
+            .entities
+            .last()
+            .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);
+        if is_new {
+            scan.entities
+                .push((parsed.entity.to_string(), parsed.key.to_string()));
+        }
+    }
+    Ok(scan)
+}
+
+type Started = (
+    System,
+    thread::JoinHandle<()>,
+    Vec<Arbiter>,
+    Vec<Addr<Shard>>,
+);
+
+fn start_system(
+    shards: usize,
+    shared: Arc<Shared>,
+    store: Arc<Store>,
+) -> Result<Started, OpenError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = thread::Builder::new()
+        .name("keystead-system".into())
+        .spawn(move || {
+            let runner = System::new();
+            let mut arbiters = Vec::with_capacity(shards);
+            let mut addrs = Vec::with_capacity(shards);
+            for _ in 0..shards {
+                let arbiter = Arbiter::new();
+                let (shared, store) = (shared.clone(), store.clone());
+                let addr = Shard::start_in_arbiter(&arbiter.handle(), move |ctx| {
+                    // Capacity 0: never park senders; admission tickets bound this mailbox.
+                    ctx.set_mailbox_capacity(0);
+                    Shard::new(shared, store)
+                });
+                arbiters.push(arbiter);
+                addrs.push(addr);
+            }
+            if tx.send((System::current(), arbiters, addrs)).is_err() {
+                return;
+            }
+            if let Err(e) = runner.run() {
+                tracing::error!(target: "keystead", error = %e, "actor system stopped with an error");
+            }
+        })
+        .map_err(|e| OpenError::Threads(e.to_string()))?;
+    let (system, arbiters, addrs) = rx
+        .recv()
+        .map_err(|_| OpenError::Threads("the actor system thread did not start".into()))?;
+    Ok((system, handle, arbiters, addrs))
+}
+
+/// Clears the "recovering" flag however recovery ends (done, runtime closed, or dropped).
+struct RecoveryDone(Weak<Inner>);
+
+impl Drop for RecoveryDone {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner
+                .shared
+                .stats
+                .recovering
+                .store(false, Ordering::Release);
+            inner.shared.stats.notify();
+        }
+    }
+}
+
+/// Wakes every entity that has inbox entries, in the background, taking tickets like any
+/// caller (so recovery of a large inbox is bounded in memory too).
+fn start_recovery(inner: &Arc<Inner>, entities: Vec<(String, String)>) {
+    if entities.is_empty() {
+        return;
+    }
+    inner.shared.stats.recovering.store(true, Ordering::Release);
+    let weak = Arc::downgrade(inner);
+    let done = RecoveryDone(weak.clone());
+    let recovery = async move {
+        let _done = done;
+        for (entity, key) in entities {
+            let Some(inner) = weak.upgrade() else { return };
+            let Some(registration) = inner.registry.get(entity.as_str()).copied() else {
+                tracing::warn!(target: "keystead", %entity, %key,
+                    "inbox entries for an unregistered entity type stay in the inbox; register the type to process them");
+                continue;
+            };
+            let shard = inner.shard_index(&entity, &key);
+            let Some(ticket) = inner.admit(shard).await else {
+                return;
+            };
+            if !(registration.wake)(&inner, key, ticket) {
+                return;
+            }
+        }
+    };
+    // Run on a shard's arbiter: recovery only awaits tickets, it never blocks the thread.
+    let threads = inner.threads.lock();
+    let spawned = threads
+        .as_ref()
+        .and_then(|t| t.arbiters.first())
+        .is_some_and(|arbiter| arbiter.spawn(recovery));
+    if !spawned {
+        tracing::error!(target: "keystead", "could not start inbox recovery; reopen the runtime");
+    }
+}
+
+fn start_purge(inner: Weak<Inner>) -> Result<(Sender<()>, thread::JoinHandle<()>), OpenError> {
+    let (stop, stopped) = bounded::<()>(0);
+    let every = inner.upgrade().map_or(Duration::from_secs(3600), |i| {
+        i.shared.config.dedup_purge_every
+    });
+    let handle = thread::Builder::new()
+        .name("keystead-dedup-purge".into())
+        .spawn(move || loop {
+            // The channel is a timer that shutdown can interrupt; it never carries a value.
+            match stopped.recv_timeout(every) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let Some(inner) = inner.upgrade() else { return };
+            match purge_expired(&inner) {
+                Ok(removed) => tracing::debug!(target: "keystead", removed, "dedup purge"),
+                Err(e) => {
+                    tracing::warn!(target: "keystead", error = %e, "dedup purge failed; will retry")
+                }
+            }
+        })
+        .map_err(|e| OpenError::Threads(e.to_string()))?;
+    Ok((stop, handle))
+}
+
+/// Removes dedup records strictly older than the retention window; never one inside it,
+/// and never one rewritten since it was read.
+fn purge_expired(inner: &Inner) -> Result<u64, StoreError> {
+    let now = inner.shared.clock.now_ms();
+    let retention_ms =
+        u64::try_from(inner.shared.config.dedup_retention.as_millis()).unwrap_or(u64::MAX);
+    let mut removed = 0;
+    for entry in inner.store.scan_prefix(&[Space::Dedup as u8])? {
+        let (key, value) = entry?;
+        let stamp = value
+            .split_first()
+            .filter(|(version, _)| **version == codec::FORMAT_VERSION)
+            .and_then(|(_, body)| {
+                bincode::serde::decode_from_slice::<DedupStamp, _>(
+                    body,
+                    bincode::config::standard(),
+                )
+                .ok()
+            });
+        let Some((stamp, _)) = stamp else {
+            tracing::warn!(target: "keystead", "undecodable dedup record kept by the purge");
+            continue;
+        };
+        let age_ms = now.saturating_sub(stamp.recorded_at_ms);
+        if age_ms > retention_ms && inner.store.remove_if_unchanged(&key, &value)? {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// A running keystead: entity actors on actix shards over one sled database.
+///
+/// Open it with [`Runtime::builder`], talk to entities with [`Runtime::entity`], and close it
+/// with [`Runtime::shutdown`] (or drop it: accepted messages are safe in the inbox either
+/// way).
+///
+/// ```
+/// # use keystead::{Context, Entity, Failure, FailureKind, Outcome, Runtime};
+/// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+/// # #[error("never")] struct Never;
+/// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct Counter;
+/// # impl Entity for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+/// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
+/// let counter = rt.entity::<Counter>("c-1");
+/// let first = counter.ask(5).id("add-5").await?;
+/// let again = counter.ask(5).id("add-5").await?; // a retry: not applied twice
+/// assert_eq!(first, Outcome::Applied { reply: 5, revision: 1 });
+/// assert!(again.is_duplicate());
+/// assert_eq!(again.reply(), Some(&5));
+/// rt.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("path", &self.inner.path)
+            .field("shards", &self.inner.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A builder for a runtime whose database lives in directory `path`.
+    pub fn builder(path: impl AsRef<Path>) -> RuntimeBuilder {
+        RuntimeBuilder::new(path.as_ref().to_path_buf())
+    }
+
+    /// A typed address of entity `key` of type `E`. Cheap; creates nothing until a message
+    /// is sent. Only `E`'s commands can be sent through it.
+    pub fn entity<E: Entity>(&self, key: impl Into<String>) -> EntityRef<E> {
+        EntityRef::new(Arc::downgrade(&self.inner), key.into())
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> RuntimeStats {
+        self.inner.shared.stats.snapshot()
+    }
+
+    /// Waits until `condition` holds for the counters. Woken on every finished message and
+    /// every stopped actor, so it never polls.
+    pub async fn wait_until(&self, condition: impl Fn(&RuntimeStats) -> bool) {
+        loop {
+            let changed = self.inner.shared.stats.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if condition(&self.stats()) || self.inner.is_closed() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until every admitted message has finished and the inbox recovered at open has
+    /// been handed to its entities. Messages that cannot be processed now (an unregistered
+    /// type, an undecodable state) stay in the inbox and do not hold this up.
+    pub async fn idle(&self) {
+        let stats = &self.inner.shared.stats;
+        self.wait_until(|s| s.in_flight == 0 && !stats.recovering.load(Ordering::Acquire))
+            .await;
+    }
+
+    /// Counts the inbox entries on disk: accepted messages not yet retired.
+    ///
+    /// # Errors
+    /// [`AdminError::Storage`] if the store cannot be read.
+    pub fn inbox_len(&self) -> Result<u64, AdminError> {
+        let mut n = 0;
+        for entry in self.inner.store.scan_prefix(&[Space::Inbox as u8])? {
+            entry?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every dead letter of entity type `E`, in key order.
+    ///
+    /// # Errors
+    /// [`AdminError::NotRegistered`] if `E` is not registered; [`AdminError::Storage`] or
+    /// [`AdminError::Decode`] if a record cannot be read.
+    pub fn dead_letters<E: Entity>(&self) -> Result<Vec<DeadLetter<E>>, AdminError> {
+        if !self.inner.registered::<E>() {
+            return Err(AdminError::NotRegistered { entity: E::NAME });
+        }
+        let mut prefix = vec![Space::DeadLetter as u8, E::NAME.len() as u8];
+        prefix.extend_from_slice(E::NAME.as_bytes());
+        let mut letters = Vec::new();
+        for entry in self.inner.store.scan_prefix(&prefix)? {
+            let (key, value) = entry?;
+            letters.push(DeadLetter::<E>::from_stored(&key, &value)?);
+        }
+        Ok(letters)
+    }
+
+    /// Removes dedup records older than the retention window now (a background thread also
+    /// does this every `dedup_purge_every`). Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`AdminError::Storage`] if the store fails; [`AdminError::Closed`] after shutdown.
+    pub fn purge_expired_dedup(&self) -> Result<u64, AdminError> {
+        if self.inner.is_closed() {
+            return Err(AdminError::Closed);
+        }
+        Ok(purge_expired(&self.inner)?)
+    }
+
+    /// Stops admitting messages, waits for the admitted ones to finish, then stops the
+    /// actors and closes the database. Messages still in the inbox (for example waiting on
+    /// an unregistered type) stay there for the next open.
+    pub async fn shutdown(self) {
+        for shard in &self.inner.shards {
+            shard.permits.close();
+        }
+        let stats = &self.inner.shared.stats;
+        self.wait_until(|s| s.in_flight == 0 && !stats.recovering.load(Ordering::Acquire))
+            .await;
+        self.inner.close();
+    }
+
+    /// Like dropping the runtime, but explicit: stops everything at once without waiting.
+    /// Admitted messages not yet durable are not acknowledged; accepted ones stay in the
+    /// inbox and are processed at the next open.
+    pub fn close_now(self) {
+        self.inner.close();
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}

@@ -1,0 +1,308 @@
+//! The storage boundary: one sled database, one tree, and one committer thread that turns
+//! many callers' writes into one atomic, flushed `apply_batch` (group commit).
+//!
+//! Reads go straight to sled from the calling thread (they are served from sled's cache and
+//! never wait on the disk lock). Writes are [`Op`] lists handed to [`Store::commit`]; the
+//! committer applies every queued list in one batch, flushes, and only then completes each
+//! caller's future. A lone commit is applied at once; batches form only under load.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
+
+use crate::error::{OpenError, StoreError};
+use crate::keys;
+
+/// The layout marker this release writes and reads.
+pub(crate) const LAYOUT: &str = "keystead-sled-1";
+
+/// A stored key and its value.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
+
+/// One write in a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Insert or overwrite.
+    Put(Vec<u8>, Vec<u8>),
+    /// Remove (a missing key is fine).
+    Delete(Vec<u8>),
+}
+
+struct Commit {
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Settings for the store.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreConfig {
+    pub path: PathBuf,
+    pub cache_bytes: u64,
+    pub batch_messages_max: usize,
+    pub queue_max: usize,
+}
+
+/// The open database and its committer.
+pub(crate) struct Store {
+    /// `None` once closed: dropping the last `Db` handle releases sled's file lock, so a
+    /// closed runtime's directory can be opened again at once.
+    db: RwLock<Option<sled::Db>>,
+    commits: Mutex<Option<Sender<Commit>>>,
+    committer: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Removes the `snap.*.generating` files a kill inside `sled::Db::open` can leave behind.
+/// sled would otherwise read such a half-written file as the newest snapshot and refuse to
+/// open ever again (upstream sled #1527); the log it was generated from is still intact.
+fn remove_partial_snapshots(path: &Path) -> Result<usize, OpenError> {
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|source| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            fs::remove_file(entry.path()).map_err(|source| OpenError::Io {
+                path: entry.path(),
+                source,
+            })?;
+            tracing::warn!(file = %name, "removed a partial sled snapshot left by an interrupted open");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `config.path` and starts the committer.
+    ///
+    /// # Errors
+    /// [`OpenError::Locked`] when another process or runtime holds the database,
+    /// [`OpenError::Io`] for an unusable directory, [`OpenError::Layout`] for foreign data.
+    pub(crate) fn open(config: &StoreConfig) -> Result<Arc<Store>, OpenError> {
+        let path = config.path.clone();
+        fs::create_dir_all(&path).map_err(|source| OpenError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        remove_partial_snapshots(&path)?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(config.cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    OpenError::Locked {
+                        path: path.clone(),
+                        detail: io.to_string(),
+                    }
+                }
+                sled::Error::Io(source) => OpenError::Io {
+                    path: path.clone(),
+                    source,
+                },
+                other => OpenError::Store {
+                    path: path.clone(),
+                    source: StoreError::from_sled("open", other),
+                },
+            })?;
+        Self::check_layout(&db, &path)?;
+
+        let (tx, rx) = bounded::<Commit>(config.queue_max);
+        let committer_db = db.clone();
+        let batch_max = config.batch_messages_max;
+        let committer = thread::Builder::new()
+            .name("keystead-committer".into())
+            .spawn(move || run_committer(&committer_db, &rx, batch_max))
+            .map_err(|e| OpenError::Threads(e.to_string()))?;
+        Ok(Arc::new(Store {
+            db: RwLock::new(Some(db)),
+            commits: Mutex::new(Some(tx)),
+            committer: Mutex::new(Some(committer)),
+        }))
+    }
+
+    fn check_layout(db: &sled::Db, path: &Path) -> Result<(), OpenError> {
+        let store_err = |source| OpenError::Store {
+            path: path.to_path_buf(),
+            source,
+        };
+        let marker = keys::meta("layout");
+        match db
+            .get(&marker)
+            .map_err(|e| store_err(StoreError::from_sled("open", e)))?
+        {
+            Some(found) if found.as_ref() == LAYOUT.as_bytes() => Ok(()),
+            Some(found) => Err(OpenError::Layout {
+                path: path.to_path_buf(),
+                found: String::from_utf8_lossy(&found).into_owned(),
+                expected: LAYOUT.into(),
+            }),
+            None => {
+                let has_data = db.iter().next().is_some() || db.tree_names().len() > 1;
+                if has_data {
+                    return Err(OpenError::Layout {
+                        path: path.to_path_buf(),
+                        found: "unmarked data".into(),
+                        expected: LAYOUT.into(),
+                    });
+                }
+                db.insert(&marker, LAYOUT.as_bytes())
+                    .map_err(|e| store_err(StoreError::from_sled("open", e)))?;
+                db.flush()
+                    .map_err(|e| store_err(StoreError::from_sled("open", e)))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db.read().clone().ok_or(StoreError::Closed)
+    }
+
+    /// Reads one value.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db()?
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StoreError::from_sled("read", e))
+    }
+
+    /// The first record whose key starts with `prefix`, in key order.
+    pub(crate) fn first_with_prefix(&self, prefix: &[u8]) -> Result<Option<Entry>, StoreError> {
+        match self.db()?.scan_prefix(prefix).next() {
+            None => Ok(None),
+            Some(Ok((k, v))) => Ok(Some((k.to_vec(), v.to_vec()))),
+            Some(Err(e)) => Err(StoreError::from_sled("scan", e)),
+        }
+    }
+
+    /// Every record whose key starts with `prefix`, in key order. Reads lazily.
+    pub(crate) fn scan_prefix(
+        &self,
+        prefix: &[u8],
+    ) -> Result<impl Iterator<Item = Result<Entry, StoreError>>, StoreError> {
+        Ok(self.db()?.scan_prefix(prefix).map(|r| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(|e| StoreError::from_sled("scan", e))
+        }))
+    }
+
+    /// Removes `key` only if it still holds `expected`; true when removed. Used by the dedup
+    /// purge so that a record rewritten since it was read is never removed.
+    pub(crate) fn remove_if_unchanged(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+    ) -> Result<bool, StoreError> {
+        match self
+            .db()?
+            .compare_and_swap(key, Some(expected), None as Option<&[u8]>)
+        {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(_)) => Ok(false),
+            Err(e) => Err(StoreError::from_sled("purge", e)),
+        }
+    }
+
+    /// Queues `ops` for the next group commit. The returned future completes once they are
+    /// applied atomically and flushed. Never blocks the calling thread.
+    pub(crate) fn commit(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (done, rx) = oneshot::channel();
+        let queued = match self.commits.lock().as_ref() {
+            None => Err(StoreError::Closed),
+            Some(tx) => match tx.try_send(Commit { ops, done }) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Full(_)) => Err(StoreError::Busy),
+                Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+            },
+        };
+        async move {
+            queued?;
+            rx.await.unwrap_or(Err(StoreError::Closed))
+        }
+    }
+
+    /// Stops accepting commits, lets the committer finish what is queued, joins it, flushes
+    /// and releases the database. Later calls on this store fail with `StoreError::Closed`.
+    pub(crate) fn close(&self) {
+        drop(self.commits.lock().take());
+        if let Some(handle) = self.committer.lock().take() {
+            if handle.join().is_err() {
+                tracing::error!(target: "keystead", "the committer thread panicked");
+            }
+        }
+        if let Some(db) = self.db.write().take() {
+            if let Err(e) = db.flush() {
+                tracing::error!(target: "keystead", error = %e, "final flush failed");
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run_committer(db: &sled::Db, rx: &Receiver<Commit>, batch_max: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut waiters = Vec::with_capacity(batch_max.min(64));
+        let mut batch = sled::Batch::default();
+        let mut next = Some(first);
+        while let Some(commit) = next.take() {
+            for op in commit.ops {
+                match op {
+                    Op::Put(k, v) => batch.insert(k, v),
+                    Op::Delete(k) => batch.remove(k),
+                }
+            }
+            waiters.push(commit.done);
+            if waiters.len() < batch_max {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = db
+            .apply_batch(batch)
+            .map_err(|e| StoreError::from_sled("commit", e))
+            .and_then(|()| {
+                db.flush()
+                    .map(|_| ())
+                    .map_err(|e| StoreError::from_sled("flush", e))
+            });
+        for done in waiters {
+            // A caller that went away (its runtime dropped) no longer needs the answer.
+            let _ = done.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.duplicate()),
+            });
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Names of spans and fields, and the runtime's counters.
+//!
+//! The library emits `tracing` spans and events and never installs a subscriber. Each
+//! message is handled inside one span named [`SPAN_MESSAGE`] with the fields listed below;
+//! payloads and replies are recorded only when `RuntimeBuilder::log_payloads(true)`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::outcome::OutcomeKind;
+
+/// The span around the processing of one message.
+pub const SPAN_MESSAGE: &str = "keystead.message";
+/// The event emitted when a message reaches its outcome.
+pub const EVENT_OUTCOME: &str = "keystead.outcome";
+/// The tracing target of every span and event keystead emits.
+pub const TARGET: &str = "keystead";
+
+/// Field names carried by [`SPAN_MESSAGE`].
+pub mod field {
+    /// Entity type name.
+    pub const ENTITY: &str = "entity";
+    /// Entity key.
+    pub const KEY: &str = "key";
+    /// Message id.
+    pub const MESSAGE_ID: &str = "message_id";
+    /// Correlation id.
+    pub const CORRELATION_ID: &str = "correlation_id";
+    /// Attempt number (1-based) of the last attempt.
+    pub const ATTEMPT: &str = "attempt";
+    /// The message's source version, if any.
+    pub const VERSION: &str = "version";
+    /// The entity's revision after the message.
+    pub const REVISION: &str = "revision";
+    /// The outcome (see [`OutcomeKind::as_str`](crate::OutcomeKind::as_str)), or "conflict" / "error".
+    pub const OUTCOME: &str = "outcome";
+    /// Processing time in microseconds, from the first attempt to the reply.
+    pub const DURATION_US: &str = "duration_us";
+}
+
+/// A snapshot of the runtime's counters since it was opened.
+///
+/// ```
+/// let stats = keystead::RuntimeStats::default();
+/// assert_eq!(stats.applied, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuntimeStats {
+    /// Entity actors alive now.
+    pub live_entities: u64,
+    /// Entity actors started (first activation or reactivation).
+    pub activations: u64,
+    /// Entity actors stopped after being idle.
+    pub passivations: u64,
+    /// Admitted messages and jobs not finished yet.
+    pub in_flight: u64,
+    /// Messages accepted into the inbox and not yet retired (as counted by this runtime).
+    pub inbox_pending: u64,
+    /// Messages applied.
+    pub applied: u64,
+    /// Duplicates answered from the dedup store.
+    pub duplicate: u64,
+    /// Stale messages dropped.
+    pub stale: u64,
+    /// Messages rejected by their handler.
+    pub rejected: u64,
+    /// Messages moved to the dead letters.
+    pub dead_lettered: u64,
+    /// Conflicts reported to callers.
+    pub conflicts: u64,
+    /// Retries scheduled.
+    pub retries: u64,
+    /// Handler panics caught.
+    pub handler_panics: u64,
+}
+
+/// Live counters shared by every part of the runtime.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub live_entities: AtomicU64,
+    pub activations: AtomicU64,
+    pub passivations: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub inbox_pending: AtomicU64,
+    pub applied: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub stale: AtomicU64,
+    pub rejected: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub retries: AtomicU64,
+    pub handler_panics: AtomicU64,
+    pub recovering: AtomicBool,
+    /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)
+    /// and [`Runtime::wait_until`](crate::Runtime::wait_until).
+    pub changed: Notify,
+}
+
+impl Stats {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Decrements without wrapping: a counter that would go below zero stays at zero (the
+    /// inbox count starts from a scan and must never underflow on a message counted twice).
+    pub(crate) fn drop_one(counter: &AtomicU64) {
+        let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+    }
+
+    pub(crate) fn outcome(&self, kind: OutcomeKind) {
+        Self::bump(match kind {
+            OutcomeKind::Applied => &self.applied,
+            OutcomeKind::Duplicate => &self.duplicate,
+            OutcomeKind::Stale => &self.stale,
+            OutcomeKind::Rejected => &self.rejected,
+            OutcomeKind::DeadLettered => &self.dead_lettered,
+        });
+    }
+
+    pub(crate) fn snapshot(&self) -> RuntimeStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+        RuntimeStats {
+            live_entities: get(&self.live_entities),
+            activations: get(&self.activations),
+            passivations: get(&self.passivations),
+            in_flight: get(&self.in_flight),
+            inbox_pending: get(&self.inbox_pending),
+            applied: get(&self.applied),
+            duplicate: get(&self.duplicate),
+            stale: get(&self.stale),
+            rejected: get(&self.rejected),
+            dead_lettered: get(&self.dead_lettered),
+            conflicts: get(&self.conflicts),
+            retries: get(&self.retries),
+            handler_panics: get(&self.handler_panics),
+        }
+    }
+
+    pub(crate) fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+}

@@ -1,0 +1,122 @@
+//! Entities and helpers shared by the integration tests. Each test file uses a subset.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use keystead::{Context, Entity, Failure, FailureKind, RetryPolicy, Runtime, RuntimeBuilder};
+use serde::{Deserialize, Serialize};
+
+/// A counter that also keeps the ids it applied, in order, so tests can check order and
+/// exactly-once from the state alone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub count: u64,
+    pub applied: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum TallyCmd {
+    /// Adds one and records `tag`.
+    Add { tag: String },
+    /// Fails permanently.
+    Invalid,
+    /// Fails with a retryable error until attempt `succeed_on`, then adds one.
+    FlakyUntil { succeed_on: u32, tag: String },
+    /// Always fails with a retryable error.
+    AlwaysTimesOut,
+    /// Panics until attempt `succeed_on`, then adds one (mutating the draft before panicking).
+    PanicUntil { succeed_on: u32, tag: String },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum TallyError {
+    #[error("invalid command")]
+    Invalid,
+    #[error("upstream timed out")]
+    Timeout,
+}
+
+impl Failure for TallyError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            TallyError::Invalid => FailureKind::Permanent,
+            TallyError::Timeout => FailureKind::Retryable,
+        }
+    }
+}
+
+pub struct TallyEntity;
+
+impl Entity for TallyEntity {
+    const NAME: &'static str = "tally";
+    type State = Tally;
+    type Command = TallyCmd;
+    type Reply = u64;
+    type Error = TallyError;
+
+    fn handle(state: &mut Tally, cmd: &TallyCmd, ctx: &mut Context<'_>) -> Result<u64, TallyError> {
+        let add = |state: &mut Tally, tag: &str| {
+            state.count += 1;
+            state.applied.push(tag.to_string());
+            Ok(state.count)
+        };
+        match cmd {
+            TallyCmd::Add { tag } => add(state, tag),
+            TallyCmd::Invalid => Err(TallyError::Invalid),
+            TallyCmd::FlakyUntil { succeed_on, tag } => {
+                if ctx.attempt() < *succeed_on {
+                    Err(TallyError::Timeout)
+                } else {
+                    add(state, tag)
+                }
+            }
+            TallyCmd::AlwaysTimesOut => Err(TallyError::Timeout),
+            TallyCmd::PanicUntil { succeed_on, tag } => {
+                state.count += 1000;
+                if ctx.attempt() < *succeed_on {
+                    panic!("handler bug on attempt {}", ctx.attempt());
+                }
+                state.count -= 1000;
+                add(state, tag)
+            }
+        }
+    }
+}
+
+pub fn add(tag: impl Into<String>) -> TallyCmd {
+    TallyCmd::Add { tag: tag.into() }
+}
+
+/// A retry policy fast enough for tests (the delays are backoff, not synchronisation).
+pub fn fast_retry(attempts: u32) -> RetryPolicy {
+    RetryPolicy::default()
+        .attempts_max(attempts)
+        .backoff_initial(Duration::from_millis(1))
+        .backoff_max(Duration::from_millis(4))
+}
+
+/// A builder with test-friendly settings and the tally entity registered.
+pub fn builder(path: &Path) -> RuntimeBuilder {
+    Runtime::builder(path)
+        .shards(2)
+        .retry(fast_retry(3))
+        .register::<TallyEntity>()
+}
+
+/// Silences the default panic hook for panics the tests provoke on purpose.
+pub fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let provoked = info
+                .payload()
+                .downcast_ref::<String>()
+                .is_some_and(|s| s.starts_with("handler bug"));
+            if !provoked {
+                default(info);
+            }
+        }));
+    });
+}
