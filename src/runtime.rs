@@ -729,6 +729,12 @@ impl Runtime {
         self.inner.shards.len()
     }
 
+    /// The shard (0-based) that owns entity `key` of type `E`: a stable hash, the same in
+    /// every run with the same shard count.
+    pub fn shard_of<E: Entity>(&self, key: &str) -> usize {
+        self.inner.shard_index(E::NAME, key)
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> RuntimeStats {
         self.inner.shared.stats.snapshot()

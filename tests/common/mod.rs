@@ -120,3 +120,21 @@ pub fn quiet_panics() {
         }));
     });
 }
+
+/// Builds the on-disk key of an entity's state record, as documented in
+/// docs/architecture.md ("Keys"), so tests can damage or inspect stored bytes.
+pub fn state_key(entity: &str, key: &str) -> Vec<u8> {
+    let mut out = vec![b'S', entity.len() as u8];
+    out.extend_from_slice(entity.as_bytes());
+    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// Builds the on-disk key of an inbox entry.
+pub fn inbox_key(entity: &str, key: &str, seq: u64) -> Vec<u8> {
+    let mut out = state_key(entity, key);
+    out[0] = b'I';
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
