@@ -22,7 +22,10 @@ struct Blob {
 
 impl Default for Blob {
     fn default() -> Self {
-        Self { bytes: vec![0; 200], touched: 0 }
+        Self {
+            bytes: vec![0; 200],
+            touched: 0,
+        }
     }
 }
 
@@ -89,7 +92,10 @@ async fn touch_all(rt: &Runtime, keys: u64, first: u64, conflict: bool) {
                 for e in refs {
                     if conflict {
                         let refused = e.ask(1).expect_revision(u64::MAX).await;
-                        assert!(matches!(refused, Err(keystead::SubmitError::Conflict { .. })));
+                        assert!(matches!(
+                            refused,
+                            Err(keystead::SubmitError::Conflict { .. })
+                        ));
                     } else {
                         e.ask(1).await.expect("ask");
                     }
@@ -117,7 +123,10 @@ async fn phase_actors(keys: u64) -> Result<(), Box<dyn std::error::Error>> {
     println!("live_actors={live}");
     println!("rss_before_kib={before}");
     println!("rss_live_kib={after}");
-    println!("per_actor_b={:.0}", (after.saturating_sub(before)) as f64 * 1024.0 / live.max(1) as f64);
+    println!(
+        "per_actor_b={:.0}",
+        (after.saturating_sub(before)) as f64 * 1024.0 / live.max(1) as f64
+    );
     println!("rss_after_passivation_kib={}", status_kib("VmRSS:"));
     // A second wave of new keys: the allocator keeps freed pages, so passivation shows as
     // memory being reused rather than RSS falling.
@@ -143,7 +152,10 @@ async fn phase_stored(keys: u64) -> Result<(), Box<dyn std::error::Error>> {
     rt.shutdown().await;
     println!("activations={activations}");
     println!("asks_per_s={:.0}", keys as f64 / secs);
-    println!("disk_per_entity_b={:.0}", dir_bytes(dir.path()) as f64 / keys as f64);
+    println!(
+        "disk_per_entity_b={:.0}",
+        dir_bytes(dir.path()) as f64 / keys as f64
+    );
     println!("peak_rss_kib={}", status_kib("VmHWM:"));
     Ok(())
 }
@@ -153,7 +165,11 @@ fn run_phase(phase: &str, keys: u64) -> Result<Vec<(String, String)>, Box<dyn st
         .args([phase, &keys.to_string()])
         .output()?;
     if !out.status.success() {
-        return Err(format!("phase {phase} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        return Err(format!(
+            "phase {phase} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -175,21 +191,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let actors = run_phase("actors", keys)?;
     let stored = run_phase("stored", keys)?;
     let get = |rows: &[(String, String)], k: &str| {
-        rows.iter().find(|(n, _)| n == k).map_or("?".to_string(), |(_, v)| v.clone())
+        rows.iter()
+            .find(|(n, _)| n == k)
+            .map_or("?".to_string(), |(_, v)| v.clone())
     };
     println!("keystead memory, {keys} keys, 200-byte state, 64 senders (release build)");
     println!("{:<62} {:>12}", "measure", "value");
     println!("{}", "-".repeat(75));
     let rows = [
-        ("live actors (activated, nothing written)", get(&actors, "live_actors")),
-        ("RSS before / with all live (KiB)", format!("{} / {}", get(&actors, "rss_before_kib"), get(&actors, "rss_live_kib"))),
-        ("RAM per live actor: actix actor, queue, map entry, state (B)", get(&actors, "per_actor_b")),
-        ("RSS after every actor passivated (KiB)", get(&actors, "rss_after_passivation_kib")),
-        ("RSS after a second wave of as many new keys (KiB)", get(&actors, "rss_second_wave_kib")),
-        ("entities written once, 50 ms idle timeout: activations", get(&stored, "activations")),
-        ("  ask rate while writing (asks/s)", get(&stored, "asks_per_s")),
-        ("  disk per stored entity: state + dedup + sled overhead (B)", get(&stored, "disk_per_entity_b")),
-        ("  peak RSS of that process (KiB)", get(&stored, "peak_rss_kib")),
+        (
+            "live actors (activated, nothing written)",
+            get(&actors, "live_actors"),
+        ),
+        (
+            "RSS before / with all live (KiB)",
+            format!(
+                "{} / {}",
+                get(&actors, "rss_before_kib"),
+                get(&actors, "rss_live_kib")
+            ),
+        ),
+        (
+            "RAM per live actor: actix actor, queue, map entry, state (B)",
+            get(&actors, "per_actor_b"),
+        ),
+        (
+            "RSS after every actor passivated (KiB)",
+            get(&actors, "rss_after_passivation_kib"),
+        ),
+        (
+            "RSS after a second wave of as many new keys (KiB)",
+            get(&actors, "rss_second_wave_kib"),
+        ),
+        (
+            "entities written once, 50 ms idle timeout: activations",
+            get(&stored, "activations"),
+        ),
+        (
+            "  ask rate while writing (asks/s)",
+            get(&stored, "asks_per_s"),
+        ),
+        (
+            "  disk per stored entity: state + dedup + sled overhead (B)",
+            get(&stored, "disk_per_entity_b"),
+        ),
+        (
+            "  peak RSS of that process (KiB)",
+            get(&stored, "peak_rss_kib"),
+        ),
     ];
     for (name, value) in rows {
         println!("{name:<62} {value:>12}");

@@ -71,6 +71,14 @@ pub enum StoreError {
     /// The commit path has stopped (the runtime is shutting down).
     #[error("the commit path is closed; the runtime is shutting down, open it again")]
     Closed,
+    /// An earlier commit failed (for example on a full disk), so this runtime writes nothing
+    /// more: sled cannot be trusted to flush after an I/O error, and a flush on a broken
+    /// database can block every sled database in the process. Accepted messages are safe.
+    #[error("the store stopped writing after an earlier failure ({first_error}); fix the disk, then restart the process and reopen the runtime: accepted messages are kept")]
+    Poisoned {
+        /// The first failure.
+        first_error: String,
+    },
     /// The commit queue is full: more writes are waiting than the runtime admits.
     #[error("the commit queue is full; retry, or raise RuntimeBuilder::in_flight_max")]
     Busy,
@@ -96,6 +104,9 @@ impl StoreError {
             },
             StoreError::Closed => StoreError::Closed,
             StoreError::Busy => StoreError::Busy,
+            StoreError::Poisoned { first_error } => StoreError::Poisoned {
+                first_error: first_error.clone(),
+            },
         }
     }
 

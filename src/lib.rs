@@ -91,6 +91,11 @@ mod store;
 mod supervisor;
 pub mod telemetry;
 
+/// The README's code must compile: it is checked as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub use address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::FORMAT_VERSION;

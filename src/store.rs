@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
@@ -49,11 +50,15 @@ pub(crate) struct StoreConfig {
 
 /// The open database and its committer.
 pub(crate) struct Store {
+    path: PathBuf,
     /// `None` once closed: dropping the last `Db` handle releases sled's file lock, so a
     /// closed runtime's directory can be opened again at once.
     db: RwLock<Option<sled::Db>>,
     commits: Mutex<Option<Sender<Commit>>>,
     committer: Mutex<Option<thread::JoinHandle<()>>>,
+    /// The first commit failure, once there has been one. From then on nothing is written
+    /// or flushed (see `StoreError::Poisoned`).
+    poisoned: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -109,9 +114,13 @@ impl Store {
             source,
         })?;
         remove_partial_snapshots(&path)?;
+        // No background flusher: the committer flushes after every batch, and sled's
+        // periodic flusher competes for sled's process-wide lock (after an I/O error it can
+        // wedge every sled database in the process).
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(config.cache_bytes)
+            .flush_every_ms(None)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -134,14 +143,18 @@ impl Store {
         let (tx, rx) = bounded::<Commit>(config.queue_max);
         let committer_db = db.clone();
         let batch_max = config.batch_messages_max;
+        let poisoned = Arc::new(Mutex::new(None));
+        let committer_poisoned = poisoned.clone();
         let committer = thread::Builder::new()
             .name("keystead-committer".into())
-            .spawn(move || run_committer(&committer_db, &rx, batch_max))
+            .spawn(move || run_committer(&committer_db, &rx, batch_max, &committer_poisoned))
             .map_err(|e| OpenError::Threads(e.to_string()))?;
         Ok(Arc::new(Store {
+            path: path.clone(),
             db: RwLock::new(Some(db)),
             commits: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
+            poisoned,
         }))
     }
 
@@ -228,6 +241,15 @@ impl Store {
         }
     }
 
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        match self.poisoned.lock().as_ref() {
+            Some(first_error) => Err(StoreError::Poisoned {
+                first_error: first_error.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Queues `ops` for the next group commit. The returned future completes once they are
     /// applied atomically and flushed. Never blocks the calling thread.
     pub(crate) fn commit(
@@ -235,14 +257,16 @@ impl Store {
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
-        let queued = match self.commits.lock().as_ref() {
-            None => Err(StoreError::Closed),
-            Some(tx) => match tx.try_send(Commit { ops, done }) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(StoreError::Busy),
-                Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
-            },
-        };
+        let queued = self
+            .check_poisoned()
+            .and_then(|()| match self.commits.lock().as_ref() {
+                None => Err(StoreError::Closed),
+                Some(tx) => match tx.try_send(Commit { ops, done }) {
+                    Ok(()) => Ok(()),
+                    Err(TrySendError::Full(_)) => Err(StoreError::Busy),
+                    Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+                },
+            });
         async move {
             queued?;
             rx.await.unwrap_or(Err(StoreError::Closed))
@@ -258,10 +282,46 @@ impl Store {
                 tracing::error!(target: "keystead", "the committer thread panicked");
             }
         }
-        if let Some(db) = self.db.write().take() {
+        let db = self.db.write().take();
+        if let Some(first_error) = self.poisoned.lock().as_ref() {
+            // sled 0.34 flushes when its last handle drops, and after some I/O errors (a full
+            // disk) that flush waits forever while holding sled's process-wide lock, which
+            // would stall every other sled database in the process. So a poisoned database is
+            // never dropped: its memory and file lock are released when the process exits.
+            tracing::error!(target: "keystead", %first_error,
+                "storage failed: the database stays locked until this process exits; fix the disk and restart the process");
+            std::mem::forget(db);
+            return;
+        }
+        if let Some(db) = db {
             if let Err(e) = db.flush() {
                 tracing::error!(target: "keystead", error = %e, "final flush failed");
             }
+            drop(db);
+            wait_for_release(&self.path, Duration::from_secs(10));
+        }
+    }
+}
+
+/// Waits until sled's file lock on `path` is free, at most `deadline`.
+///
+/// sled releases its lock when the last handle to its file closes, and one of its I/O pool
+/// jobs can still hold that handle for a moment after the `Db` is dropped. Closing a runtime
+/// promises that its directory can be opened again at once, so closing waits on the lock
+/// itself (taking and releasing the same `flock` sled takes) rather than on a guessed delay.
+pub(crate) fn wait_for_release(path: &Path, deadline: Duration) -> bool {
+    let lock_file = path.join("db");
+    let started = Instant::now();
+    loop {
+        match fs::File::open(&lock_file).map(|f| f.try_lock()) {
+            // No file: nothing holds it. Lock taken: it was free (dropping `f` releases it).
+            Err(_) | Ok(Ok(())) => return true,
+            Ok(Err(_)) if started.elapsed() >= deadline => {
+                tracing::warn!(target: "keystead", path = %path.display(),
+                    "the database lock was not released in time; another process may hold it");
+                return false;
+            }
+            Ok(Err(_)) => thread::sleep(Duration::from_millis(1)),
         }
     }
 }
@@ -272,8 +332,19 @@ impl Drop for Store {
     }
 }
 
-fn run_committer(db: &sled::Db, rx: &Receiver<Commit>, batch_max: usize) {
+fn run_committer(
+    db: &sled::Db,
+    rx: &Receiver<Commit>,
+    batch_max: usize,
+    poisoned: &Mutex<Option<String>>,
+) {
     while let Ok(first) = rx.recv() {
+        if let Some(first_error) = poisoned.lock().clone() {
+            // Refuse without touching sled: after an I/O error it cannot be trusted to
+            // flush, and a stuck flush holds sled's process-wide lock.
+            let _ = first.done.send(Err(StoreError::Poisoned { first_error }));
+            continue;
+        }
         let mut waiters = Vec::with_capacity(batch_max.min(64));
         let mut batch = sled::Batch::default();
         let mut next = Some(first);
@@ -297,6 +368,10 @@ fn run_committer(db: &sled::Db, rx: &Receiver<Commit>, batch_max: usize) {
                     .map(|_| ())
                     .map_err(|e| StoreError::from_sled("flush", e))
             });
+        if let Err(e) = &result {
+            tracing::error!(target: "keystead", error = %e, "commit failed; the store stops writing until reopened");
+            *poisoned.lock() = Some(e.to_string());
+        }
         for done in waiters {
             // A caller that went away (its runtime dropped) no longer needs the answer.
             let _ = done.send(match &result {

@@ -83,18 +83,19 @@ async fn a_processed_tell_is_retired_with_its_dedup_record_and_state() {
         rt.shutdown().await;
     }
     // Stored bytes: every state record starts with the format version byte.
-    let db = sled::open(dir.path()).unwrap();
-    for k in 0..10 {
-        let bytes = db
-            .get(state_key("tally", &format!("k{k}")))
-            .unwrap()
-            .expect("state stored");
-        assert_eq!(bytes[0], FORMAT_VERSION);
-    }
-    let inbox: Vec<_> = db.scan_prefix([b'I']).collect();
-    assert!(
-        inbox.is_empty(),
-        "inbox entries left on disk: {}",
-        inbox.len()
-    );
+    with_raw_sled(dir.path(), |db| {
+        for k in 0..10 {
+            let bytes = db
+                .get(state_key("tally", &format!("k{k}")))
+                .unwrap()
+                .expect("state stored");
+            assert_eq!(bytes[0], FORMAT_VERSION);
+        }
+        let inbox: Vec<_> = db.scan_prefix([b'I']).collect();
+        assert!(
+            inbox.is_empty(),
+            "inbox entries left on disk: {}",
+            inbox.len()
+        );
+    });
 }

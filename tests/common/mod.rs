@@ -138,3 +138,28 @@ pub fn inbox_key(entity: &str, key: &str, seq: u64) -> Vec<u8> {
     out.extend_from_slice(&seq.to_be_bytes());
     out
 }
+
+/// Opens the database directly with sled (to damage or inspect stored bytes), runs `f`, and
+/// returns once sled has released the directory, so a runtime can open it right after.
+pub fn with_raw_sled<T>(path: &Path, f: impl FnOnce(&sled::Db) -> T) -> T {
+    let db = sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .open()
+        .unwrap();
+    let out = f(&db);
+    db.flush().unwrap();
+    drop(db);
+    // sled can hold its lock file a moment after the last handle drops (see
+    // keystead's store::wait_for_release); wait on the lock itself.
+    let lock = path.join("db");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::File::open(&lock)
+        .map(|f| f.try_lock().is_err())
+        .unwrap_or(false)
+    {
+        assert!(std::time::Instant::now() < deadline, "sled kept its lock");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    out
+}

@@ -1,0 +1,219 @@
+//! Goal: faults involving other processes. A database held by another process is refused
+//! with a typed error; a full disk refuses work cleanly, loses nothing acknowledged, and
+//! recovers after the disk grows and the process restarts.
+//! Method: re-run this test binary as a child process (holding a database, or filling a
+//! small tmpfs); the parent checks from the data alone. The tests here take one lock so that
+//! a child being spawned by one never holds the other's files (see errors_bad_input.rs).
+
+mod common;
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use common::*;
+use keystead::{OpenError, StoreError, SubmitError};
+
+/// Serialises the tests of this file (each spawns processes).
+static SPAWNING: Mutex<()> = Mutex::new(());
+
+/// Run as a child process by `another_process_holding_the_database_is_refused`: holds the
+/// database open until its stdin closes.
+#[test]
+fn child_hold_database() {
+    let Ok(path) = std::env::var("KEYSTEAD_HOLD_DB") else {
+        return;
+    };
+    let _rt = builder(std::path::Path::new(&path)).open().unwrap();
+    println!("holding");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+}
+
+#[test]
+fn another_process_holding_the_database_is_refused() {
+    use std::io::{BufRead, BufReader};
+    let _serial = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_hold_database",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KEYSTEAD_HOLD_DB", dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holding") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "child exited before holding the db"
+        );
+    }
+    let result = builder(dir.path()).open();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert!(
+        matches!(result, Err(OpenError::Locked { .. })),
+        "{result:?}"
+    );
+}
+
+/// Run as a child process by `a_full_disk_refuses_work_cleanly_and_recovers`: fills the
+/// database at `KEYSTEAD_FILL_DB` until a tell is refused, checks the errors, prints how
+/// many tells were acknowledged, and exits (as an application restarts after a disk fault).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_fill_disk() {
+    let Ok(path) = std::env::var("KEYSTEAD_FILL_DB") else {
+        return;
+    };
+    let rt = builder(std::path::Path::new(&path))
+        .message_size_max(1 << 20)
+        .open()
+        .unwrap();
+    let e = rt.entity::<TallyEntity>("big");
+    let mut acknowledged = 0u64;
+    let mut refused = None;
+    for i in 0..400 {
+        match e
+            .tell(add(format!("{i:06}-{}", "x".repeat(32 * 1024))))
+            .id(format!("m{i}"))
+            .await
+        {
+            Ok(_) => acknowledged += 1,
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the disk never filled up");
+    // The first refusal is the I/O error itself, or (when the entity's own processing commit
+    // hit the full disk first) the poisoned store that names it.
+    match &err {
+        SubmitError::Storage {
+            source: StoreError::Io { .. },
+            ..
+        } => {
+            assert!(err.is_retryable(), "a full disk can clear: {err}");
+            assert!(err.to_string().contains("disk space"), "{err}");
+        }
+        SubmitError::Storage {
+            source: StoreError::Poisoned { first_error },
+            ..
+        } => {
+            assert!(
+                first_error.to_lowercase().contains("space"),
+                "{first_error}"
+            );
+        }
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+    // From then on the runtime refuses cleanly and says what to do, and closing returns
+    // (regression: sled's drop-time flush on the broken database wedged its global lock).
+    let next = e.tell(add("after")).await.unwrap_err();
+    assert!(
+        matches!(
+            &next,
+            SubmitError::Storage {
+                source: StoreError::Poisoned { .. },
+                ..
+            }
+        ),
+        "{next:?}"
+    );
+    assert!(next.to_string().contains("restart"), "{next}");
+    rt.close_now();
+    println!("acknowledged={acknowledged}");
+}
+
+/// A 4 MiB tmpfs fills up: tells fail with a typed, retryable storage error, nothing that
+/// was acknowledged is lost, and after the disk grows and the process restarts, everything
+/// acknowledged is processed exactly once.
+#[test]
+fn a_full_disk_refuses_work_cleanly_and_recovers() {
+    let _serial = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    // Mounting needs root; this workplace's developers and CI run as root.
+    let mount = tempfile::tempdir().unwrap();
+    let mnt = mount.path().to_path_buf();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(mounted, "cannot mount a tmpfs (this test needs root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let path = mnt.join("db");
+
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_fill_disk",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KEYSTEAD_FILL_DB", &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(
+        child.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let acknowledged: u64 = stdout
+        .lines()
+        .find_map(|l| l.split_once("acknowledged=").map(|(_, n)| n))
+        .expect("the child reports its count")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        acknowledged > 10,
+        "only {acknowledged} acknowledged before the disk filled"
+    );
+
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    tokio.block_on(async {
+        let rt = builder(&path).open().unwrap();
+        rt.idle().await;
+        let snap = rt.entity::<TallyEntity>("big").snapshot().unwrap();
+        // Every acknowledged tell is applied; the refused one may or may not be (it was
+        // never acknowledged), and nothing is applied twice.
+        let count = snap.state.count;
+        assert!(
+            count == acknowledged || count == acknowledged + 1,
+            "acknowledged {acknowledged}, applied {count}"
+        );
+        let mut ids: Vec<_> = snap
+            .state
+            .applied
+            .iter()
+            .map(|t| t[..6].to_string())
+            .collect();
+        ids.dedup();
+        assert_eq!(ids.len() as u64, count, "nothing applied twice");
+        assert_eq!(rt.inbox_len().unwrap(), 0);
+        rt.shutdown().await;
+    });
+}
