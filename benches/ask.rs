@@ -7,45 +7,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keystead::{Context, Entity, Failure, FailureKind, Runtime};
-use serde::{Deserialize, Serialize};
+use keystead::Runtime;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Blob {
-    bytes: Vec<u8>,
-    n: u64,
-}
-impl Default for Blob {
-    fn default() -> Self {
-        Self {
-            bytes: vec![0; 200],
-            n: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
-#[error("never")]
-struct Never;
-impl Failure for Never {
-    fn kind(&self) -> FailureKind {
-        FailureKind::Permanent
-    }
-}
-
-struct Item;
-impl Entity for Item {
-    const NAME: &'static str = "item";
-    type State = Blob;
-    type Command = u8;
-    type Reply = u64;
-    type Error = Never;
-    fn handle(s: &mut Blob, b: &u8, _: &mut Context<'_>) -> Result<u64, Never> {
-        s.bytes[0] = *b;
-        s.n += 1;
-        Ok(s.n)
-    }
-}
+#[path = "../examples/support/item.rs"]
+mod item;
+use item::Item;
 
 fn bench(c: &mut Criterion) {
     let tokio = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -10,47 +10,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keystead::{Context, Entity, Failure, FailureKind, Runtime};
-use serde::{Deserialize, Serialize};
+use keystead::Runtime;
 
-/// A 200-byte state, the record size used by the benchmarks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Blob {
-    bytes: Vec<u8>,
-    touched: u64,
-}
-
-impl Default for Blob {
-    fn default() -> Self {
-        Self {
-            bytes: vec![0; 200],
-            touched: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
-#[error("never")]
-struct Never;
-impl Failure for Never {
-    fn kind(&self) -> FailureKind {
-        FailureKind::Permanent
-    }
-}
-
-struct Item;
-impl Entity for Item {
-    const NAME: &'static str = "item";
-    type State = Blob;
-    type Command = u8;
-    type Reply = u64;
-    type Error = Never;
-    fn handle(s: &mut Blob, b: &u8, _: &mut Context<'_>) -> Result<u64, Never> {
-        s.bytes[0] = *b;
-        s.touched += 1;
-        Ok(s.touched)
-    }
-}
+#[path = "support/item.rs"]
+mod item;
+use item::Item;
 
 fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

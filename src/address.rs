@@ -161,6 +161,31 @@ impl<E: Entity> EntityRef<E> {
 
     /// Sends `command` fire-and-forget: awaiting it returns once the message is flushed to
     /// the durable inbox; it is processed afterwards, even across a crash.
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+    /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+    /// # #[error("down")] struct Down;
+    /// # impl Failure for Down { fn kind(&self) -> FailureKind { FailureKind::Retryable } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type State = u64; type Command = u64; type Reply = u64; type Error = Down;
+    /// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Down> {
+    /// #         if *c == 0 { return Err(Down) } *s += c; Ok(*s)
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
+    /// let counter = rt.entity::<Counter>("c-1");
+    /// let accepted = counter.tell(2).id("evt-1").version(1).await?; // on disk now
+    /// assert_eq!(accepted.message_id, "evt-1");
+    /// rt.idle().await; // processed in the background
+    /// assert_eq!(counter.snapshot()?.state, 2);
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
     pub fn tell(&self, command: E::Command) -> Tell<E> {
         Tell {
             target: self.clone(),
@@ -183,6 +208,31 @@ impl<E: Entity> EntityRef<E> {
     }
 
     /// Reads the entity's committed state from the store (without activating its actor).
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+    /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+    /// # #[error("down")] struct Down;
+    /// # impl Failure for Down { fn kind(&self) -> FailureKind { FailureKind::Retryable } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type State = u64; type Command = u64; type Reply = u64; type Error = Down;
+    /// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Down> {
+    /// #         if *c == 0 { return Err(Down) } *s += c; Ok(*s)
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
+    /// let counter = rt.entity::<Counter>("c-1");
+    /// assert_eq!(counter.snapshot()?.revision, 0); // never written: the default state
+    /// counter.ask(5).await?;
+    /// let snap = counter.snapshot()?;
+    /// assert_eq!((snap.revision, snap.state), (1, 5));
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`SubmitError::Decode`] if the stored state does not decode as `E::State`;
@@ -219,6 +269,40 @@ impl<E: Entity> EntityRef<E> {
     /// Moves the dead letter `message_id` back into this entity's inbox, keeping its id, and
     /// processes it. Returns `false` if there is no such dead letter (so requeueing twice
     /// cannot apply a message twice).
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+    /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+    /// # #[error("down")] struct Down;
+    /// # impl Failure for Down { fn kind(&self) -> FailureKind { FailureKind::Retryable } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type State = u64; type Command = u64; type Reply = u64; type Error = Down;
+    /// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Down> {
+    /// #         if *c == 0 { return Err(Down) } *s += c; Ok(*s)
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use keystead::{OutcomeKind, RetryPolicy};
+    /// let rt = Runtime::builder(dir.path())
+    ///     .retry(RetryPolicy::default().attempts_max(2).backoff_initial(std::time::Duration::from_millis(1)))
+    ///     .register::<Counter>()
+    ///     .open()?;
+    /// let counter = rt.entity::<Counter>("c-1");
+    /// let out = counter.ask(0).id("job-7").await?; // 0 always fails: retried, then dead-lettered
+    /// assert_eq!(out.kind(), OutcomeKind::DeadLettered);
+    /// let letters = rt.dead_letters::<Counter>()?;
+    /// assert_eq!((letters[0].message_id.as_str(), letters[0].attempts), ("job-7", 2));
+    /// assert!(counter.requeue("job-7").await?); // back in the inbox, same id, processed
+    /// rt.idle().await;
+    /// assert_eq!(rt.dead_letters::<Counter>()?.len(), 1); // 0 always fails: dead again
+    /// assert!(counter.purge_dead_letter("job-7").await?);
+    /// assert!(!counter.requeue("job-7").await?); // nothing left to requeue
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
