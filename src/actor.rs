@@ -16,6 +16,7 @@ use tracing::field::Empty;
 
 use crate::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
 use crate::codec;
+use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
 use crate::keys::{self, Space};
@@ -92,6 +93,7 @@ pub(crate) struct EntityActor<E: Entity> {
     key: String,
     shared: Arc<Shared>,
     store: Arc<Store>,
+    effects: Arc<Effects>,
     shard: Addr<Shard>,
     loaded: Option<Loaded<E::State>>,
     queue: VecDeque<Job<E>>,
@@ -107,12 +109,14 @@ impl<E: Entity> EntityActor<E> {
         key: String,
         shared: Arc<Shared>,
         store: Arc<Store>,
+        effects: Arc<Effects>,
         shard: Addr<Shard>,
     ) -> Self {
         Self {
             key,
             shared,
             store,
+            effects,
             shard,
             loaded: None,
             queue: VecDeque::new(),
@@ -474,17 +478,28 @@ impl<E: Entity> EntityActor<E> {
                 }
             }
             verdict => {
+                let verdict = self.check_effects(verdict);
                 if let Verdict::DeadLetter { panicked, .. } = &verdict {
                     self.after_failure(*panicked);
                 }
+                let has_effects =
+                    matches!(&verdict, Verdict::Applied { effects, .. } if !effects.is_empty());
+                let outbox_seq = if has_effects {
+                    self.shared.next_seq()
+                } else {
+                    0
+                };
                 let planned = apply::writes::<E>(
                     &self.key,
                     &work.meta,
                     &work.source,
                     &work.command,
                     &verdict,
-                    work.attempt,
-                    now,
+                    apply::Stamp {
+                        attempt: work.attempt,
+                        now_ms: now,
+                        outbox_seq,
+                    },
                 );
                 let (ops, outcome) = match planned {
                     Ok(Some(planned)) => planned,
@@ -510,7 +525,12 @@ impl<E: Entity> EntityActor<E> {
                 ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
                     act.busy = false;
                     match result {
-                        Ok(()) => act.complete(work, next, outcome),
+                        Ok(()) => {
+                            if has_effects {
+                                act.effects.wake(E::NAME, &act.key);
+                            }
+                            act.complete(work, next, outcome)
+                        }
                         Err(e) => {
                             // The batch may have reached sled before the flush failed: forget
                             // the cached state so the next message reloads what is stored.
@@ -521,6 +541,45 @@ impl<E: Entity> EntityActor<E> {
                     }
                     act.pump(ctx);
                 }));
+            }
+        }
+    }
+
+    /// An applied message whose effects cannot run (no executor registered for them, an
+    /// effect recorded for another entity type, an effect that does not encode) is not
+    /// applied: it is dead-lettered with the reason, so nothing commits that cannot finish.
+    fn check_effects(&self, verdict: Verdict<E>) -> Verdict<E> {
+        let Verdict::Applied { effects, .. } = &verdict else {
+            return verdict;
+        };
+        let problem = effects.iter().find_map(|e| {
+            if e.origin != E::NAME {
+                Some(format!(
+                    "effect {} belongs to entity type {}, not {}",
+                    e.name,
+                    e.origin,
+                    E::NAME
+                ))
+            } else if !self.effects.accepts(e.name, e.origin) {
+                Some(format!(
+                    "no executor for effect {}; register one with RuntimeBuilder::executor",
+                    e.name
+                ))
+            } else {
+                e.payload
+                    .as_ref()
+                    .err()
+                    .map(|reason| format!("effect {} does not encode: {reason}", e.name))
+            }
+        });
+        match problem {
+            None => verdict,
+            Some(error) => {
+                tracing::error!(target: "keystead", entity = E::NAME, key = %self.key, %error, "message dead-lettered");
+                Verdict::DeadLetter {
+                    error,
+                    panicked: false,
+                }
             }
         }
     }

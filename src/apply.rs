@@ -75,10 +75,11 @@ pub(crate) enum Verdict<E: Entity> {
     Stale { current: u64 },
     /// The expected revision does not match.
     Conflict { expected: u64, actual: u64 },
-    /// The handler succeeded: the new entity and the reply.
+    /// The handler succeeded: the new entity, the reply, and the effects it recorded.
     Applied {
         next: Loaded<E::State>,
         reply: E::Reply,
+        effects: Vec<crate::effects::Recorded>,
     },
     /// The handler failed permanently.
     Rejected { error: E::Error },
@@ -115,6 +116,7 @@ pub(crate) fn evaluate<E: Entity>(
     }
     let mut draft = current.state.clone();
     let mut ctx = Context {
+        effects: Vec::new(),
         entity: E::NAME,
         key: attempt.key,
         message_id: &attempt.meta.message_id,
@@ -142,7 +144,11 @@ pub(crate) fn evaluate<E: Entity>(
                 next.revision > current.revision,
                 "an applied change bumps the revision"
             );
-            Verdict::Applied { next, reply }
+            Verdict::Applied {
+                next,
+                reply,
+                effects: ctx.effects,
+            }
         }
         Ok(Err(error)) => match error.kind() {
             FailureKind::Permanent => Verdict::Rejected { error },
@@ -194,6 +200,15 @@ pub(crate) struct Source {
     pub first_failed_at_ms: Option<u64>,
 }
 
+/// When and where a message's writes happen: its attempt number, the clock, and the
+/// outbox sequence for the effects it recorded (unused when it recorded none).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    pub attempt: u32,
+    pub now_ms: u64,
+    pub outbox_seq: u64,
+}
+
 /// The writes that make `verdict` durable, and the outcome to report once they are.
 /// `None` for a conflict (nothing is written; the caller gets an error).
 ///
@@ -205,9 +220,13 @@ pub(crate) fn writes<E: Entity>(
     source: &Source,
     command: &E::Command,
     verdict: &Verdict<E>,
-    attempt: u32,
-    now_ms: u64,
+    stamp: Stamp,
 ) -> Result<Option<Planned<E>>, String> {
+    let Stamp {
+        attempt,
+        now_ms,
+        outbox_seq,
+    } = stamp;
     let dedup_key = || keys::dedup(E::NAME, key, &meta.message_id);
     let dedup = |outcome: RecordedOf<E>| -> Result<Op, String> {
         let record = DedupRecord {
@@ -226,7 +245,19 @@ pub(crate) fn writes<E: Entity>(
             ops.push(dedup(Recorded::Stale { current: *current })?);
             Outcome::Stale { current: *current }
         }
-        Verdict::Applied { next, reply } => {
+        Verdict::Applied {
+            next,
+            reply,
+            effects,
+        } => {
+            ops.extend(crate::effects::outbox_ops(
+                E::NAME,
+                key,
+                meta,
+                outbox_seq,
+                effects,
+                now_ms,
+            )?);
             let record = StateRecord {
                 revision: next.revision,
                 version: next.version,
@@ -339,6 +370,12 @@ mod tests {
         }
     }
 
+    const STAMP: Stamp = Stamp {
+        attempt: 1,
+        now_ms: 10,
+        outbox_seq: 0,
+    };
+
     fn meta(version: Option<u64>) -> Meta {
         Meta {
             message_id: "m1".into(),
@@ -375,7 +412,7 @@ mod tests {
         let m = meta(Some(5));
         let cmd = Cmd::Set("cancelled".into());
         match evaluate::<E>(&at(Some(4), 2), None, &attempt(&m, &cmd, 1)) {
-            Verdict::Applied { next, reply } => {
+            Verdict::Applied { next, reply, .. } => {
                 assert_eq!(next.revision, 3);
                 assert_eq!(next.version, Some(5));
                 assert_eq!(next.state.status, "cancelled");
@@ -480,7 +517,7 @@ mod tests {
             first_failed_at_ms: None,
         };
         let verdict = evaluate::<E>(&at(Some(1), 0), None, &attempt(&m, &cmd, 1));
-        let (ops, outcome) = writes::<E>("k", &m, &source, &cmd, &verdict, 1, 10)
+        let (ops, outcome) = writes::<E>("k", &m, &source, &cmd, &verdict, STAMP)
             .expect("encodes")
             .expect("applied writes");
         assert_eq!(
@@ -495,7 +532,7 @@ mod tests {
         assert!(matches!(&ops[2], Op::Delete(k) if *k == keys::inbox("sub", "k", 7)));
 
         let dup = Verdict::<E>::Duplicate(Recorded::Stale { current: 3 });
-        let (ops, _) = writes::<E>("k", &m, &source, &cmd, &dup, 1, 10)
+        let (ops, _) = writes::<E>("k", &m, &source, &cmd, &dup, STAMP)
             .expect("encodes")
             .expect("duplicate writes");
         assert_eq!(ops, vec![Op::Delete(keys::inbox("sub", "k", 7))]);

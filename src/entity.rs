@@ -115,6 +115,7 @@ pub trait Entity: Send + 'static {
 /// ```
 #[derive(Debug)]
 pub struct Context<'a> {
+    pub(crate) effects: Vec<crate::effects::Recorded>,
     pub(crate) entity: &'static str,
     pub(crate) key: &'a str,
     pub(crate) message_id: &'a str,
@@ -162,5 +163,23 @@ impl<'a> Context<'a> {
     /// The source version this message carries, if any.
     pub fn message_version(&self) -> Option<u64> {
         self.message_version
+    }
+
+    /// Records a side effect (an email, a payment, a call) to run after this message's
+    /// change commits, on the effect workers, never inside the handler. It is written in
+    /// the same atomic batch as the state: if the change does not commit (error, panic,
+    /// crash, duplicate, stale), the effect never runs. Its executor receives a stable
+    /// [`EffectKey`](crate::EffectKey) to pass on as the outside service's idempotency key.
+    ///
+    /// See [`Effect`](crate::Effect) for an example.
+    pub fn effect<T: crate::Effect>(&mut self, effect: T) {
+        let index = u32::try_from(self.effects.len()).unwrap_or(u32::MAX);
+        self.effects.push(crate::effects::Recorded {
+            name: T::NAME,
+            origin: <T::Origin as Entity>::NAME,
+            independent: T::INDEPENDENT,
+            index,
+            payload: crate::codec::encode(&effect),
+        });
     }
 }

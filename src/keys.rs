@@ -13,6 +13,8 @@
 //! | `I` inbox | sequence, u64 big-endian | `InboxRecord` |
 //! | `L` dead letters | message id bytes | `DeadLetterRecord` |
 //! | `M` meta | a name | small markers (layout version) |
+//! | `O` outbox | sequence u64 BE ++ index u32 BE | `EffectRecord`, unfinished |
+//! | `X` effect history | same as the outbox | `EffectRecord`, finished |
 
 /// The keyspace byte that leads a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub(crate) enum Space {
     Inbox = b'I',
     DeadLetter = b'L',
     Meta = b'M',
+    Outbox = b'O',
+    EffectHistory = b'X',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).

@@ -79,6 +79,7 @@ mod apply;
 mod clock;
 mod codec;
 mod dead_letter;
+mod effects;
 mod entity;
 mod error;
 mod ids;
@@ -100,6 +101,10 @@ pub use address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::FORMAT_VERSION;
 pub use dead_letter::DeadLetter;
+pub use effects::{
+    AsyncExecutor, Effect, EffectContext, EffectError, EffectInfo, EffectKey, EffectStatus,
+    Executor, Feedback,
+};
 pub use entity::{Context, Entity, Failure, FailureKind};
 pub use error::{AdminError, DecodeError, OpenError, StoreError, SubmitError};
 pub use keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};

@@ -19,6 +19,7 @@ use crate::address::EntityRef;
 use crate::clock::{Clock, SystemClock};
 use crate::codec;
 use crate::dead_letter::DeadLetter;
+use crate::effects::{self, AsyncExecutor, Effect, EffectInfo, EffectKey, Effects, Executor};
 use crate::entity::Entity;
 use crate::error::{AdminError, OpenError, StoreError, SubmitError};
 use crate::keys::{self, Space, ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX};
@@ -109,6 +110,7 @@ struct Threads {
 pub(crate) struct Inner {
     pub shared: Arc<Shared>,
     pub store: Arc<Store>,
+    pub effects: Arc<Effects>,
     pub shards: Vec<ShardRef>,
     registry: HashMap<&'static str, Registration>,
     closed: AtomicBool,
@@ -150,6 +152,21 @@ impl Inner {
         })
     }
 
+    /// Delivers a `Drain` to entity (`entity`, `key`) of a registered type, taking a ticket
+    /// like any caller. False when the type is unregistered or the runtime is closing.
+    pub(crate) async fn wake_entity(&self, entity: &str, key: &str) -> bool {
+        let Some(registration) = self.registry.get(entity).copied() else {
+            tracing::warn!(target: "keystead", %entity, %key,
+                "inbox entries for an unregistered entity type stay in the inbox; register the type to process them");
+            return true;
+        };
+        let shard = self.shard_index(entity, key);
+        let Some(ticket) = self.admit(shard).await else {
+            return false;
+        };
+        (registration.wake)(self, key.to_string(), ticket)
+    }
+
     fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -176,6 +193,7 @@ impl Inner {
         if let Some(handle) = threads.system_thread.take() {
             let _ = handle.join();
         }
+        self.effects.shutdown();
         self.store.close();
         self.shared.stats.notify();
     }
@@ -234,6 +252,10 @@ pub struct RuntimeBuilder {
     batch_messages_max: usize,
     registry: HashMap<&'static str, Registration>,
     registry_error: Option<OpenError>,
+    executors: HashMap<&'static str, effects::Registered>,
+    effect_retry: RetryPolicy,
+    effect_workers: usize,
+    effects_running_max: usize,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -267,7 +289,55 @@ impl RuntimeBuilder {
             batch_messages_max: 1024,
             registry: HashMap::new(),
             registry_error: None,
+            executors: HashMap::new(),
+            effect_retry: RetryPolicy::default(),
+            effect_workers: 2,
+            effects_running_max: 64,
         }
+    }
+
+    fn add_executor<T: Effect>(mut self, registered: effects::Registered) -> Self {
+        let name = T::NAME;
+        if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX || self.executors.contains_key(name)
+        {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason: "effect names must be 1 to 255 bytes and have one executor".into(),
+            });
+            return self;
+        }
+        self.executors.insert(name, registered);
+        self
+    }
+
+    /// Registers the executor of effect type `T`; it runs on a blocking worker thread. An
+    /// applied message that records an effect without an executor is dead-lettered instead.
+    pub fn executor<T: Effect>(self, executor: impl Executor<T>) -> Self {
+        self.add_executor::<T>(effects::Registered::blocking::<T, _>(executor))
+    }
+
+    /// Registers an async executor of effect type `T`; it runs on the effect workers' tokio
+    /// runtime.
+    pub fn async_executor<T: Effect>(self, executor: impl AsyncExecutor<T>) -> Self {
+        self.add_executor::<T>(effects::Registered::non_blocking::<T, _>(executor))
+    }
+
+    /// How failing effects are retried. Default: [`RetryPolicy::default`].
+    pub fn effect_retry(mut self, policy: RetryPolicy) -> Self {
+        self.effect_retry = policy;
+        self
+    }
+
+    /// Threads of the effect workers' tokio runtime. Default: 2.
+    pub fn effect_workers(mut self, threads: usize) -> Self {
+        self.effect_workers = threads;
+        self
+    }
+
+    /// The most effects performed at once, across all entities. Default: 64.
+    pub fn effects_running_max(mut self, effects: usize) -> Self {
+        self.effects_running_max = effects;
+        self
     }
 
     /// Registers entity type `E`. Every type you send to must be registered, so that the
@@ -406,6 +476,28 @@ impl RuntimeBuilder {
         if let Err(reason) = self.config.retry.validate() {
             return invalid("retry", &reason);
         }
+        if let Err(reason) = self.effect_retry.validate() {
+            return invalid("effect_retry", &reason);
+        }
+        if self.effect_workers == 0 || self.effects_running_max == 0 {
+            return invalid(
+                "effect_workers",
+                "effect_workers and effects_running_max must be at least 1",
+            );
+        }
+        if let Some((name, r)) = self
+            .executors
+            .iter()
+            .find(|(_, r)| !self.registry.contains_key(r.origin))
+        {
+            return invalid(
+                "executor",
+                &format!(
+                    "effect {name} belongs to entity type {}, which is not registered",
+                    r.origin
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -442,8 +534,21 @@ impl RuntimeBuilder {
             .inbox_pending
             .store(scan.entries, Ordering::Release);
 
+        let outbox = scan_outbox(&store).map_err(|source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let effects = Effects::start(
+            std::mem::take(&mut self.executors),
+            store.clone(),
+            shared.clone(),
+            self.effect_retry,
+            self.effect_workers,
+            self.effects_running_max,
+        )
+        .map_err(|e| OpenError::Threads(e.to_string()))?;
         let (system, system_thread, arbiters, addrs) =
-            start_system(self.shards, shared.clone(), store.clone())?;
+            start_system(self.shards, shared.clone(), store.clone(), effects.clone())?;
         let shards = addrs
             .into_iter()
             .map(|addr| ShardRef {
@@ -454,6 +559,7 @@ impl RuntimeBuilder {
         let inner = Arc::new(Inner {
             shared: shared.clone(),
             store: store.clone(),
+            effects: effects.clone(),
             shards,
             registry: self.registry,
             closed: AtomicBool::new(false),
@@ -468,9 +574,13 @@ impl RuntimeBuilder {
             purge_stop: Some(purge_stop),
             purge_thread: Some(purge_thread),
         });
+        effects.bind(Arc::downgrade(&inner));
         start_recovery(&inner, scan.entities);
+        for (entity, key) in &outbox {
+            effects.wake(entity, key);
+        }
         tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
-            recovered_messages = scan.entries, "runtime open");
+            recovered_messages = scan.entries, effect_lanes_resumed = outbox.len(), "runtime open");
         Ok(Runtime { inner })
     }
 }
@@ -510,6 +620,24 @@ fn scan_inbox(store: &Store) -> Result<InboxScan, StoreError> {
     Ok(scan)
 }
 
+/// The entities that have unfinished effects, in key order.
+fn scan_outbox(store: &Store) -> Result<Vec<(String, String)>, StoreError> {
+    let mut entities: Vec<(String, String)> = Vec::new();
+    for entry in store.scan_prefix(&[Space::Outbox as u8])? {
+        let (key, _) = entry?;
+        let Some(parsed) = keys::parse(Space::Outbox, &key) else {
+            continue;
+        };
+        let is_new = entities
+            .last()
+            .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);
+        if is_new {
+            entities.push((parsed.entity.to_string(), parsed.key.to_string()));
+        }
+    }
+    Ok(entities)
+}
+
 type Started = (
     System,
     thread::JoinHandle<()>,
@@ -521,6 +649,7 @@ fn start_system(
     shards: usize,
     shared: Arc<Shared>,
     store: Arc<Store>,
+    effects: Arc<Effects>,
 ) -> Result<Started, OpenError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = thread::Builder::new()
@@ -531,12 +660,24 @@ fn start_system(
             let mut addrs = Vec::with_capacity(shards);
             for _ in 0..shards {
                 let arbiter = Arbiter::new();
-                let (shared, store) = (shared.clone(), store.clone());
-                let addr = Shard::start_in_arbiter(&arbiter.handle(), move |ctx| {
-                    // Capacity 0: never park senders; admission tickets bound this mailbox.
-                    ctx.set_mailbox_capacity(0);
-                    Shard::new(shared, store)
+                let (shared, store, effects) = (shared.clone(), store.clone(), effects.clone());
+                // Build the shard on its own thread and hand its address back only once the
+                // mailbox capacity is set: `start_in_arbiter` returns the address before its
+                // closure runs, and a burst of sends in that window would park the sender
+                // at actix's default capacity and have every later send refused.
+                let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+                let built = arbiter.spawn_fn(move || {
+                    let addr = Shard::create(move |ctx| {
+                        // Capacity 0: never park senders; admission tickets bound this mailbox.
+                        ctx.set_mailbox_capacity(0);
+                        Shard::new(shared, store, effects)
+                    });
+                    let _ = addr_tx.send(addr);
                 });
+                let Some(addr) = built.then(|| addr_rx.recv().ok()).flatten() else {
+                    tracing::error!(target: "keystead", "a shard thread did not start");
+                    return;
+                };
                 arbiters.push(arbiter);
                 addrs.push(addr);
             }
@@ -583,16 +724,7 @@ fn start_recovery(inner: &Arc<Inner>, entities: Vec<(String, String)>) {
         let _done = done;
         for (entity, key) in entities {
             let Some(inner) = weak.upgrade() else { return };
-            let Some(registration) = inner.registry.get(entity.as_str()).copied() else {
-                tracing::warn!(target: "keystead", %entity, %key,
-                    "inbox entries for an unregistered entity type stay in the inbox; register the type to process them");
-                continue;
-            };
-            let shard = inner.shard_index(&entity, &key);
-            let Some(ticket) = inner.admit(shard).await else {
-                return;
-            };
-            if !(registration.wake)(&inner, key, ticket) {
+            if !inner.wake_entity(&entity, &key).await {
                 return;
             }
         }
@@ -754,13 +886,15 @@ impl Runtime {
         }
     }
 
-    /// Waits until every admitted message has finished and the inbox recovered at open has
-    /// been handed to its entities. Messages that cannot be processed now (an unregistered
+    /// Waits until every admitted message has finished, the inbox recovered at open has
+    /// been handed to its entities, and no effect is being performed or waiting to retry. Messages that cannot be processed now (an unregistered
     /// type, an undecodable state) stay in the inbox and do not hold this up.
     pub async fn idle(&self) {
         let stats = &self.inner.shared.stats;
-        self.wait_until(|s| s.in_flight == 0 && !stats.recovering.load(Ordering::Acquire))
-            .await;
+        self.wait_until(|s| {
+            s.in_flight == 0 && s.effect_lanes == 0 && !stats.recovering.load(Ordering::Acquire)
+        })
+        .await;
     }
 
     /// Counts the inbox entries on disk: accepted messages not yet retired.
@@ -793,6 +927,64 @@ impl Runtime {
             letters.push(DeadLetter::<E>::from_stored(&key, &value)?);
         }
         Ok(letters)
+    }
+
+    /// The status of one effect, from the outbox or the effect history.
+    ///
+    /// # Errors
+    /// [`AdminError::Storage`] if the store cannot be read.
+    pub fn effect(&self, key: &EffectKey) -> Result<Option<EffectInfo>, AdminError> {
+        for space in [Space::Outbox, Space::EffectHistory] {
+            if let Some((_, record)) = effects::find(&self.inner.store, space, key)? {
+                return Ok(Some(record.info));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every effect recorded by entity `key` of type `E`: unfinished ones first, in the order
+    /// they were recorded, then finished ones.
+    ///
+    /// # Errors
+    /// [`AdminError::Storage`] if the store cannot be read.
+    pub fn effects_of<E: Entity>(&self, key: &str) -> Result<Vec<EffectInfo>, AdminError> {
+        if key.is_empty() || key.len() > ENTITY_KEY_LEN_MAX {
+            return Ok(Vec::new());
+        }
+        Ok(effects::of_entity(&self.inner.store, E::NAME, key)?)
+    }
+
+    /// Every dead-lettered effect, of every entity.
+    ///
+    /// # Errors
+    /// [`AdminError::Storage`] if the store cannot be read.
+    pub fn effect_dead_letters(&self) -> Result<Vec<EffectInfo>, AdminError> {
+        let mut out = Vec::new();
+        for entry in self
+            .inner
+            .store
+            .scan_prefix(&[Space::EffectHistory as u8])?
+        {
+            let (_, value) = entry?;
+            if let Ok(record) = codec::decode::<effects::EffectRecord>("effect record", &value) {
+                if record.info.status == effects::EffectStatus::DeadLettered {
+                    out.push(record.info);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves a dead-lettered effect back to the outbox (attempts reset, same effect key) and
+    /// runs it. Returns `false` if there is no such dead letter.
+    ///
+    /// # Errors
+    /// [`AdminError::Closed`] after shutdown; [`AdminError::Storage`] if the store fails.
+    pub async fn requeue_effect(&self, key: &EffectKey) -> Result<bool, AdminError> {
+        if self.inner.is_closed() {
+            return Err(AdminError::Closed);
+        }
+        Ok(self.inner.effects.requeue(key).await?)
     }
 
     /// Removes dedup records older than the retention window now (a background thread also

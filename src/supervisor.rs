@@ -15,6 +15,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::actor::{EntityActor, Forward, Job, Stop};
+use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::runtime::Shared;
 use crate::store::Store;
@@ -51,14 +52,16 @@ struct Slot {
 pub(crate) struct Shard {
     shared: Arc<Shared>,
     store: Arc<Store>,
+    effects: Arc<Effects>,
     entities: HashMap<(&'static str, String), Slot>,
 }
 
 impl Shard {
-    pub(crate) fn new(shared: Arc<Shared>, store: Arc<Store>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, store: Arc<Store>, effects: Arc<Effects>) -> Self {
         Self {
             shared,
             store,
+            effects,
             entities: HashMap::new(),
         }
     }
@@ -83,9 +86,10 @@ impl<E: Entity> Handler<Deliver<E>> for Shard {
         let slot = match self.entities.get_mut(&id) {
             Some(slot) => slot,
             None => {
-                let (shared, store, shard, key) = (
+                let (shared, store, effects, shard, key) = (
                     self.shared.clone(),
                     self.store.clone(),
+                    self.effects.clone(),
                     ctx.address(),
                     id.1.clone(),
                 );
@@ -94,7 +98,7 @@ impl<E: Entity> Handler<Deliver<E>> for Shard {
                     // this mailbox is the runtime's admission tickets, acquired by callers
                     // before anything reaches a shard.
                     actor_ctx.set_mailbox_capacity(0);
-                    EntityActor::new(key, shared, store, shard)
+                    EntityActor::new(key, shared, store, effects, shard)
                 });
                 self.entities.entry(id.clone()).or_insert(Slot {
                     addr: Box::new(addr),

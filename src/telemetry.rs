@@ -74,6 +74,17 @@ pub struct RuntimeStats {
     pub retries: u64,
     /// Handler panics caught.
     pub handler_panics: u64,
+    /// Entities whose effects are being performed now (lanes), plus independent effects
+    /// running on their own.
+    pub effect_lanes: u64,
+    /// Effects performed.
+    pub effects_done: u64,
+    /// Effects that failed permanently.
+    pub effects_failed: u64,
+    /// Effects whose attempts ran out.
+    pub effects_dead_lettered: u64,
+    /// Effect retries scheduled.
+    pub effect_retries: u64,
 }
 
 /// Live counters shared by every part of the runtime.
@@ -92,6 +103,11 @@ pub(crate) struct Stats {
     pub conflicts: AtomicU64,
     pub retries: AtomicU64,
     pub handler_panics: AtomicU64,
+    pub effect_lanes: AtomicU64,
+    pub effects_done: AtomicU64,
+    pub effects_failed: AtomicU64,
+    pub effects_dead_lettered: AtomicU64,
+    pub effect_retries: AtomicU64,
     pub recovering: AtomicBool,
     /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)
     /// and [`Runtime::wait_until`](crate::Runtime::wait_until).
@@ -135,6 +151,11 @@ impl Stats {
             conflicts: get(&self.conflicts),
             retries: get(&self.retries),
             handler_panics: get(&self.handler_panics),
+            effect_lanes: get(&self.effect_lanes),
+            effects_done: get(&self.effects_done),
+            effects_failed: get(&self.effects_failed),
+            effects_dead_lettered: get(&self.effects_dead_lettered),
+            effect_retries: get(&self.effect_retries),
         }
     }
 

@@ -1,0 +1,860 @@
+//! Side effects exactly once (with the outside world's help): a durable outbox.
+//!
+//! A handler records effects with [`Context::effect`](crate::Context::effect). They are
+//! written to the outbox (keyspace `O`) in the same atomic batch as the state change, and
+//! only when the message is `Applied`. After the commit, the effect workers (a tokio pool of
+//! their own, the slow path) run them: per entity in the order recorded, unless the effect
+//! type is independent. Each run gets a stable [`EffectKey`] to hand to the outside service
+//! as its idempotency key, so a run repeated after a crash is absorbed there. A finished
+//! effect moves to the effect history (keyspace `X`) in one batch with its optional
+//! feedback message to the entity, whose message id derives from the effect key.
+//!
+//! Exactly once holds for what keystead stores (the effect record, its feedback). Towards
+//! the outside world it is at least once with a stable idempotency key: the service must
+//! honour the key.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::codec;
+use crate::entity::Entity;
+use crate::error::StoreError;
+use crate::keys::{self, Space};
+use crate::records::{InboxRecord, Meta};
+use crate::retry::{splitmix64, RetryPolicy};
+use crate::runtime::{Inner, Shared};
+use crate::store::{Op, Store};
+use crate::telemetry::Stats;
+
+/// A side effect a handler can record: an email to send, a card to charge, a call to make.
+///
+/// ```
+/// use keystead::{Context, Effect, EffectContext, EffectError, Entity, Executor, Failure, FailureKind};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct Charge { cents: u64 }
+///
+/// impl Effect for Charge {
+///     const NAME: &'static str = "charge";
+///     type Origin = Order; // the entity that records it and receives its feedback
+/// }
+///
+/// # #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+/// # #[error("paid")] struct Paid;
+/// # impl Failure for Paid { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// struct Order;
+/// impl Entity for Order {
+///     const NAME: &'static str = "order";
+///     type State = Option<String>; // the provider's reference, once captured
+///     type Command = OrderCmd;
+///     type Reply = ();
+///     type Error = Paid;
+///     fn handle(s: &mut Option<String>, cmd: &OrderCmd, ctx: &mut Context<'_>) -> Result<(), Paid> {
+///         match cmd {
+///             OrderCmd::Pay { cents } => ctx.effect(Charge { cents: *cents }),
+///             OrderCmd::Captured { provider_ref } => *s = Some(provider_ref.clone()),
+///         }
+///         Ok(())
+///     }
+/// }
+/// #[derive(Debug, Serialize, Deserialize)]
+/// enum OrderCmd { Pay { cents: u64 }, Captured { provider_ref: String } }
+///
+/// /// Calls the payment provider with the effect key as its idempotency key.
+/// struct Payments;
+/// impl Executor<Charge> for Payments {
+///     fn execute(&self, charge: &Charge, ctx: &EffectContext) -> Result<Option<OrderCmd>, EffectError> {
+///         let provider_ref = format!("ch_{}", ctx.effect_key()); // provider.charge(key, cents)
+///         Ok(Some(OrderCmd::Captured { provider_ref })) // fed back to the order, deduplicated
+///     }
+/// }
+/// ```
+pub trait Effect: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'static {
+    /// The stable name stored on disk (1 to 255 bytes; never rename it once data exists).
+    const NAME: &'static str;
+    /// Independent effects may run before earlier effects of the same entity finish.
+    /// Default: false, effects of one entity run in the order they were recorded.
+    const INDEPENDENT: bool = false;
+    /// The entity type that records this effect and receives its feedback.
+    type Origin: Entity;
+}
+
+/// What an executor may return as feedback: a command for the entity that recorded the
+/// effect, delivered durably with a message id derived from the effect key.
+pub type Feedback<T> = Option<<<T as Effect>::Origin as Entity>::Command>;
+
+/// Performs effects of type `T` on a blocking worker thread.
+///
+/// See [`Effect`] for an example.
+pub trait Executor<T: Effect>: Send + Sync + 'static {
+    /// Performs `effect`. Pass [`EffectContext::effect_key`] to the outside service as its
+    /// idempotency key: the same effect may run again after a crash.
+    ///
+    /// # Errors
+    /// [`EffectError::Retryable`] to retry with backoff (then dead-letter), or
+    /// [`EffectError::Permanent`] to record the failure and never retry.
+    fn execute(&self, effect: &T, ctx: &EffectContext) -> Result<Feedback<T>, EffectError>;
+}
+
+/// Performs effects of type `T` asynchronously, on the effect workers' tokio runtime.
+///
+/// ```
+/// # use keystead::{AsyncExecutor, Effect, EffectContext, EffectError, Feedback};
+/// # use keystead::{Context, Entity, Failure, FailureKind};
+/// # #[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+/// # #[error("x")] struct X;
+/// # impl Failure for X { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct User;
+/// # impl Entity for User {
+/// #     const NAME: &'static str = "user"; type State = (); type Command = (); type Reply = (); type Error = X;
+/// #     fn handle(_: &mut (), _: &(), _: &mut Context<'_>) -> Result<(), X> { Ok(()) }
+/// # }
+/// #[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// struct Welcome { to: String }
+/// impl Effect for Welcome { const NAME: &'static str = "welcome"; type Origin = User; }
+///
+/// struct Mailer;
+/// impl AsyncExecutor<Welcome> for Mailer {
+///     async fn execute(&self, mail: Welcome, ctx: EffectContext) -> Result<Feedback<Welcome>, EffectError> {
+///         // mail_api.send(&mail.to, idempotency_key = ctx.effect_key()).await
+///         Ok(None)
+///     }
+/// }
+/// ```
+pub trait AsyncExecutor<T: Effect>: Send + Sync + 'static {
+    /// Performs `effect`; see [`Executor::execute`].
+    fn execute(
+        &self,
+        effect: T,
+        ctx: EffectContext,
+    ) -> impl Future<Output = Result<Feedback<T>, EffectError>> + Send;
+}
+
+/// Why an effect failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EffectError {
+    /// A passing condition (timeout, rate limit, service down): retried with backoff and
+    /// jitter up to the effect retry policy's limit, then dead-lettered.
+    #[error("{0}")]
+    Retryable(String),
+    /// Bad input or a refusal: recorded as failed, never retried.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl EffectError {
+    /// A retryable failure.
+    ///
+    /// ```
+    /// assert!(keystead::EffectError::retryable("timeout").is_retryable());
+    /// ```
+    pub fn retryable(reason: impl fmt::Display) -> Self {
+        EffectError::Retryable(reason.to_string())
+    }
+    /// A permanent failure.
+    pub fn permanent(reason: impl fmt::Display) -> Self {
+        EffectError::Permanent(reason.to_string())
+    }
+    /// True for [`EffectError::Retryable`].
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, EffectError::Retryable(_))
+    }
+}
+
+/// The stable identity of one effect: the message that recorded it and its position among
+/// that message's effects. Its [`Display`](fmt::Display) form is the idempotency key to
+/// hand to outside services.
+///
+/// ```
+/// let key = keystead::EffectKey::new("order", "o-42", "pay-1", 0);
+/// assert_eq!(key.to_string(), "order/o-42/pay-1/0");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EffectKey {
+    /// Entity type that recorded it.
+    pub entity: String,
+    /// Entity key.
+    pub key: String,
+    /// The message that recorded it.
+    pub message_id: String,
+    /// Its index among that message's effects, from 0.
+    pub index: u32,
+}
+
+impl EffectKey {
+    /// An effect key from its parts.
+    pub fn new(
+        entity: impl Into<String>,
+        key: impl Into<String>,
+        message_id: impl Into<String>,
+        index: u32,
+    ) -> Self {
+        Self {
+            entity: entity.into(),
+            key: key.into(),
+            message_id: message_id.into(),
+            index,
+        }
+    }
+}
+
+impl fmt::Display for EffectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.entity, self.key, self.message_id, self.index
+        )
+    }
+}
+
+/// What an executor knows about the effect it performs.
+#[derive(Debug, Clone)]
+pub struct EffectContext {
+    key: EffectKey,
+    correlation_id: String,
+    attempt: u32,
+}
+
+impl EffectContext {
+    /// The idempotency key to hand to the outside service.
+    pub fn effect_key(&self) -> &EffectKey {
+        &self.key
+    }
+    /// The correlation id of the message that recorded the effect.
+    pub fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+    /// The attempt number, from 1 (attempts count across restarts).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// Where an effect is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EffectStatus {
+    /// Committed, waiting for its turn (or for its next attempt).
+    Pending,
+    /// Being performed (after a crash, a running effect runs again with the same key).
+    Running,
+    /// Performed.
+    Done,
+    /// Failed permanently; not retried.
+    Failed,
+    /// Every attempt failed; can be requeued.
+    DeadLettered,
+}
+
+impl EffectStatus {
+    /// The allowed moves, in one place. Requeue moves a dead letter back to pending.
+    pub(crate) fn can_move_to(self, next: EffectStatus) -> bool {
+        use EffectStatus::*;
+        matches!(
+            (self, next),
+            (Pending, Running)
+                | (Running, Running) // a crash left it running: it runs again
+                | (Running, Pending)
+                | (Running, Done)
+                | (Running, Failed)
+                | (Running, DeadLettered)
+                | (DeadLettered, Pending)
+        )
+    }
+
+    fn finished(self) -> bool {
+        matches!(
+            self,
+            EffectStatus::Done | EffectStatus::Failed | EffectStatus::DeadLettered
+        )
+    }
+}
+
+/// An effect's stored record, as returned by the status queries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EffectInfo {
+    /// Its identity and idempotency key.
+    pub effect_key: EffectKey,
+    /// The effect type's name.
+    pub name: String,
+    /// Where it is.
+    pub status: EffectStatus,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// The last error, if an attempt failed.
+    pub last_error: Option<String>,
+    /// The correlation id of the message that recorded it.
+    pub correlation_id: String,
+    /// When it was recorded, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When its status last changed, ms since the epoch.
+    pub updated_at_ms: u64,
+}
+
+/// The stored form: the public info plus what running it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EffectRecord {
+    pub info: EffectInfo,
+    pub independent: bool,
+    pub payload: Vec<u8>,
+}
+
+/// An effect as recorded by a handler, before commit.
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    pub name: &'static str,
+    pub origin: &'static str,
+    pub independent: bool,
+    pub index: u32,
+    pub payload: Result<Vec<u8>, String>,
+}
+
+/// The outbox key of effect `index` of a message committed with outbox sequence `seq`.
+pub(crate) fn outbox_key(space: Space, entity: &str, key: &str, seq: u64, index: u32) -> Vec<u8> {
+    let mut out = keys::entity_prefix(space, entity, key);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
+    out
+}
+
+/// The writes that put a message's effects in the outbox.
+pub(crate) fn outbox_ops(
+    entity: &str,
+    key: &str,
+    meta: &Meta,
+    seq: u64,
+    effects: &[Recorded],
+    now_ms: u64,
+) -> Result<Vec<Op>, String> {
+    effects
+        .iter()
+        .map(|e| {
+            let payload = e.payload.clone()?;
+            let record = EffectRecord {
+                info: EffectInfo {
+                    effect_key: EffectKey::new(entity, key, meta.message_id.clone(), e.index),
+                    name: e.name.to_string(),
+                    status: EffectStatus::Pending,
+                    attempts: 0,
+                    last_error: None,
+                    correlation_id: meta.correlation_id.clone(),
+                    created_at_ms: now_ms,
+                    updated_at_ms: now_ms,
+                },
+                independent: e.independent,
+                payload,
+            };
+            Ok(Op::Put(
+                outbox_key(Space::Outbox, entity, key, seq, e.index),
+                codec::encode(&record)?,
+            ))
+        })
+        .collect()
+}
+
+type Outcome = Result<Option<Vec<u8>>, EffectError>;
+type Running = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// A registered executor with its types erased: payload bytes in, encoded feedback out.
+pub(crate) struct Registered {
+    pub origin: &'static str,
+    run: Arc<dyn Fn(Vec<u8>, EffectContext) -> Running + Send + Sync>,
+}
+
+impl Registered {
+    pub(crate) fn blocking<T: Effect, X: Executor<T>>(executor: X) -> Self {
+        let executor = Arc::new(executor);
+        Self {
+            origin: <T::Origin as Entity>::NAME,
+            run: Arc::new(move |payload, ctx| {
+                let executor = executor.clone();
+                Box::pin(async move {
+                    let task = tokio::task::spawn_blocking(move || {
+                        let effect: T =
+                            codec::decode("effect", &payload).map_err(EffectError::permanent)?;
+                        let feedback = executor.execute(&effect, &ctx)?;
+                        encode_feedback::<T>(feedback)
+                    });
+                    task.await.unwrap_or_else(|e| {
+                        Err(EffectError::retryable(format!("executor panicked: {e}")))
+                    })
+                })
+            }),
+        }
+    }
+
+    pub(crate) fn non_blocking<T: Effect, X: AsyncExecutor<T>>(executor: X) -> Self {
+        let executor = Arc::new(executor);
+        Self {
+            origin: <T::Origin as Entity>::NAME,
+            run: Arc::new(move |payload, ctx| {
+                let executor = executor.clone();
+                Box::pin(async move {
+                    let task = tokio::spawn(async move {
+                        let effect: T =
+                            codec::decode("effect", &payload).map_err(EffectError::permanent)?;
+                        let feedback = executor.execute(effect, ctx).await?;
+                        encode_feedback::<T>(feedback)
+                    });
+                    task.await.unwrap_or_else(|e| {
+                        Err(EffectError::retryable(format!("executor panicked: {e}")))
+                    })
+                })
+            }),
+        }
+    }
+}
+
+fn encode_feedback<T: Effect>(feedback: Feedback<T>) -> Outcome {
+    feedback
+        .map(|cmd| codec::encode(&cmd).map_err(EffectError::permanent))
+        .transpose()
+}
+
+/// The effect workers: a tokio runtime of their own, one lane per entity with pending
+/// effects, and a bound on effects running at once.
+pub(crate) struct Effects {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    executors: HashMap<&'static str, Registered>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    retry: RetryPolicy,
+    running_max: Arc<Semaphore>,
+    inner: OnceLock<Weak<Inner>>,
+    /// Active lanes; `true` when more work arrived while the lane was scanning.
+    lanes: Mutex<HashMap<(String, String), bool>>,
+    /// Independent effects being performed, by outbox key.
+    independent: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl fmt::Debug for Effects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Effects")
+            .field("executors", &self.executors.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many outbox entries a lane reads per scan.
+const SCAN_MAX: usize = 64;
+
+impl Effects {
+    pub(crate) fn start(
+        executors: HashMap<&'static str, Registered>,
+        store: Arc<Store>,
+        shared: Arc<Shared>,
+        retry: RetryPolicy,
+        workers: usize,
+        running_max: usize,
+    ) -> std::io::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .max_blocking_threads(running_max.max(1))
+            .thread_name("keystead-effects")
+            .enable_time()
+            .build()?;
+        Ok(Arc::new(Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+            executors,
+            store,
+            shared,
+            retry,
+            running_max: Arc::new(Semaphore::new(running_max)),
+            inner: OnceLock::new(),
+            lanes: Mutex::new(HashMap::new()),
+            independent: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub(crate) fn bind(&self, inner: Weak<Inner>) {
+        let _ = self.inner.set(inner);
+    }
+
+    /// True when an executor is registered for effect `name` recorded by entity `origin`.
+    pub(crate) fn accepts(&self, name: &str, origin: &str) -> bool {
+        self.executors.get(name).is_some_and(|r| r.origin == origin)
+    }
+
+    /// Stops the workers without waiting for executors that block: their effects stay in
+    /// the outbox (a running one runs again, with the same key, at the next open).
+    pub(crate) fn shutdown(&self) {
+        if let Some(runtime) = self.runtime.lock().take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Makes sure a lane runs for entity (`entity`, `key`), and starts its independent
+    /// effects at once (they must not wait behind an ordered effect that is retrying).
+    pub(crate) fn wake(self: &Arc<Self>, entity: &str, key: &str) {
+        self.start_independent(&keys::entity_prefix(Space::Outbox, entity, key));
+        let id = (entity.to_string(), key.to_string());
+        {
+            let mut lanes = self.lanes.lock();
+            if let Some(more) = lanes.get_mut(&id) {
+                *more = true;
+                return;
+            }
+            lanes.insert(id.clone(), false);
+        }
+        Stats::bump(&self.shared.stats.effect_lanes);
+        let this = self.clone();
+        self.handle.spawn(async move { this.lane(id).await });
+    }
+
+    async fn lane(self: Arc<Self>, id: (String, String)) {
+        let prefix = keys::entity_prefix(Space::Outbox, &id.0, &id.1);
+        loop {
+            let batch = match self.pending(&prefix, false) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(target: "keystead", entity = %id.0, key = %id.1, error = %e,
+                        "cannot read the outbox; its effects wait for the next wake or open");
+                    break;
+                }
+            };
+            let mut progressed = false;
+            for (outbox_key, record) in batch {
+                match self.clone().perform(&outbox_key, record).await {
+                    Ok(()) => progressed = true,
+                    Err(()) => break,
+                }
+            }
+            if !progressed {
+                let mut lanes = self.lanes.lock();
+                if lanes.get(&id).copied().unwrap_or(false) {
+                    lanes.insert(id.clone(), false);
+                    continue;
+                }
+                lanes.remove(&id);
+                break;
+            }
+        }
+        self.lanes.lock().remove(&id);
+        Stats::drop_one(&self.shared.stats.effect_lanes);
+        self.shared.stats.notify();
+    }
+
+    /// Spawns every unfinished independent effect of one entity that is not running yet.
+    fn start_independent(self: &Arc<Self>, prefix: &[u8]) {
+        let batch = match self.pending(prefix, true) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(target: "keystead", error = %e, "cannot read the outbox");
+                return;
+            }
+        };
+        for (outbox_key, record) in batch {
+            if !self.independent.lock().insert(outbox_key.clone()) {
+                continue;
+            }
+            let this = self.clone();
+            Stats::bump(&self.shared.stats.effect_lanes);
+            self.handle.spawn(async move {
+                let _ = this.clone().perform(&outbox_key, record).await;
+                this.independent.lock().remove(&outbox_key);
+                Stats::drop_one(&this.shared.stats.effect_lanes);
+                this.shared.stats.notify();
+            });
+        }
+    }
+
+    /// The first unfinished outbox entries of one entity of one kind (ordered or
+    /// independent), in recorded order, skipping independent effects already running.
+    fn pending(
+        &self,
+        prefix: &[u8],
+        independent: bool,
+    ) -> Result<Vec<(Vec<u8>, EffectRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.store.scan_prefix(prefix)? {
+            let (key, value) = entry?;
+            if self.independent.lock().contains(&key) {
+                continue;
+            }
+            match codec::decode::<EffectRecord>("effect record", &value) {
+                Ok(record)
+                    if !record.info.status.finished() && record.independent == independent =>
+                {
+                    out.push((key, record))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(target: "keystead", error = %e, "undecodable outbox entry skipped; it stays in the outbox");
+                }
+            }
+            if out.len() >= SCAN_MAX {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Performs one effect through its attempts. `Ok` when it reached an end (done, failed,
+    /// dead-lettered); `Err` when it must wait for a later wake (no executor, store error).
+    async fn perform(
+        self: Arc<Self>,
+        outbox_key: &[u8],
+        mut record: EffectRecord,
+    ) -> Result<(), ()> {
+        let Some(executor) = self.executors.get(record.info.name.as_str()) else {
+            tracing::error!(target: "keystead", effect = %record.info.name,
+                "no executor registered for this effect type; it waits in the outbox. Register it with RuntimeBuilder::executor");
+            return Err(());
+        };
+        let run = executor.run.clone();
+        let span = tracing::info_span!(target: "keystead", "keystead.effect",
+            effect = %record.info.name, effect_key = %record.info.effect_key,
+            correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
+            status = tracing::field::Empty);
+        loop {
+            let Ok(_permit) = self.running_max.clone().acquire_owned().await else {
+                return Err(());
+            };
+            record.info.attempts += 1;
+            self.transition(&mut record, EffectStatus::Running, None);
+            self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
+                .await?;
+            span.record("attempt", record.info.attempts);
+            let ctx = EffectContext {
+                key: record.info.effect_key.clone(),
+                correlation_id: record.info.correlation_id.clone(),
+                attempt: record.info.attempts,
+            };
+            let result = run(record.payload.clone(), ctx)
+                .instrument(span.clone())
+                .await;
+            drop(_permit);
+            match result {
+                Ok(feedback) => {
+                    self.transition(&mut record, EffectStatus::Done, None);
+                    span.record("status", "done");
+                    let mut ops = self.finish_ops(outbox_key, &record)?;
+                    let feedback_seq = match feedback {
+                        Some(command) => {
+                            let seq = self.shared.next_seq();
+                            ops.push(self.feedback_op(&record, seq, command)?);
+                            Some(seq)
+                        }
+                        None => None,
+                    };
+                    self.commit(ops).await?;
+                    Stats::bump(&self.shared.stats.effects_done);
+                    tracing::info!(target: "keystead", parent: &span, "effect done");
+                    if feedback_seq.is_some() {
+                        Stats::bump(&self.shared.stats.inbox_pending);
+                        self.deliver_feedback(&record.info.effect_key).await;
+                    }
+                    return Ok(());
+                }
+                Err(EffectError::Permanent(reason)) => {
+                    self.transition(&mut record, EffectStatus::Failed, Some(reason.clone()));
+                    span.record("status", "failed");
+                    self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    Stats::bump(&self.shared.stats.effects_failed);
+                    tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect failed permanently");
+                    return Ok(());
+                }
+                Err(EffectError::Retryable(reason))
+                    if record.info.attempts >= self.retry.get_attempts_max() =>
+                {
+                    self.transition(
+                        &mut record,
+                        EffectStatus::DeadLettered,
+                        Some(reason.clone()),
+                    );
+                    span.record("status", "dead_lettered");
+                    self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    Stats::bump(&self.shared.stats.effects_dead_lettered);
+                    tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect dead-lettered");
+                    return Ok(());
+                }
+                Err(EffectError::Retryable(reason)) => {
+                    self.transition(&mut record, EffectStatus::Pending, Some(reason.clone()));
+                    self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
+                        .await?;
+                    Stats::bump(&self.shared.stats.effect_retries);
+                    self.shared.stats.notify();
+                    let seed = splitmix64(crate::actor::fnv1a(
+                        record.info.effect_key.to_string().as_bytes(),
+                    ));
+                    let delay = self.retry.backoff(record.info.attempts, seed);
+                    tracing::debug!(target: "keystead", parent: &span, error = %reason,
+                        delay_us = delay.as_micros() as u64, "effect failed; will retry");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn transition(&self, record: &mut EffectRecord, next: EffectStatus, error: Option<String>) {
+        let from = record.info.status;
+        debug_assert!(
+            from.can_move_to(next),
+            "effect status {from:?} -> {next:?} is not an allowed move"
+        );
+        if !from.can_move_to(next) {
+            tracing::error!(target: "keystead", ?from, ?next, "unexpected effect status move");
+        }
+        record.info.status = next;
+        record.info.updated_at_ms = self.shared.clock.now_ms();
+        if error.is_some() {
+            record.info.last_error = error;
+        }
+    }
+
+    /// Moves a finished effect from the outbox to the history.
+    fn finish_ops(&self, outbox_key: &[u8], record: &EffectRecord) -> Result<Vec<Op>, ()> {
+        let mut history_key = outbox_key.to_vec();
+        history_key[0] = Space::EffectHistory as u8;
+        Ok(vec![
+            Op::Delete(outbox_key.to_vec()),
+            Op::Put(history_key, encode(record)?),
+        ])
+    }
+
+    fn feedback_op(&self, record: &EffectRecord, seq: u64, command: Vec<u8>) -> Result<Op, ()> {
+        let key = &record.info.effect_key;
+        let inbox = InboxRecord {
+            meta: Meta {
+                message_id: feedback_id(key),
+                correlation_id: record.info.correlation_id.clone(),
+                version: None,
+                accepted_at_ms: self.shared.clock.now_ms(),
+            },
+            command,
+        };
+        Ok(Op::Put(
+            keys::inbox(&key.entity, &key.key, seq),
+            encode(&inbox)?,
+        ))
+    }
+
+    async fn deliver_feedback(&self, key: &EffectKey) {
+        let Some(inner) = self.inner.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        inner.wake_entity(&key.entity, &key.key).await;
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> Result<(), ()> {
+        match self.store.commit(ops).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(target: "keystead", error = %e,
+                    "cannot record an effect's progress; it stays in the outbox and runs again (same key) later");
+                Err(())
+            }
+        }
+    }
+
+    /// Moves a dead-lettered effect back to the outbox with its attempts reset; true when
+    /// there was one.
+    pub(crate) async fn requeue(self: &Arc<Self>, key: &EffectKey) -> Result<bool, StoreError> {
+        let Some((history_key, mut record)) = find(&self.store, Space::EffectHistory, key)? else {
+            return Ok(false);
+        };
+        if record.info.status != EffectStatus::DeadLettered {
+            return Ok(false);
+        }
+        self.transition(&mut record, EffectStatus::Pending, None);
+        record.info.attempts = 0;
+        let mut outbox_key = history_key.clone();
+        outbox_key[0] = Space::Outbox as u8;
+        let bytes = codec::encode(&record).map_err(|e| StoreError::Io {
+            op: "requeue effect",
+            source: std::io::Error::other(e),
+        })?;
+        self.store
+            .commit(vec![Op::Delete(history_key), Op::Put(outbox_key, bytes)])
+            .await?;
+        self.wake(&key.entity, &key.key);
+        Ok(true)
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ()> {
+    codec::encode(value).map_err(|e| {
+        tracing::error!(target: "keystead", error = %e, "cannot encode an effect record");
+    })
+}
+
+/// The message id of an effect's feedback: derived from the effect key, so feedback from a
+/// repeated run is a duplicate.
+pub(crate) fn feedback_id(key: &EffectKey) -> String {
+    format!("effect:{key}")
+}
+
+/// Finds the record of `key` in the outbox or the history.
+pub(crate) fn find(
+    store: &Store,
+    space: Space,
+    key: &EffectKey,
+) -> Result<Option<(Vec<u8>, EffectRecord)>, StoreError> {
+    if key.entity.len() > keys::ENTITY_NAME_LEN_MAX || key.key.len() > keys::ENTITY_KEY_LEN_MAX {
+        return Ok(None);
+    }
+    let prefix = keys::entity_prefix(space, &key.entity, &key.key);
+    for entry in store.scan_prefix(&prefix)? {
+        let (k, v) = entry?;
+        if let Ok(record) = codec::decode::<EffectRecord>("effect record", &v) {
+            if record.info.effect_key == *key {
+                return Ok(Some((k, record)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Every effect record of one entity, unfinished first (in recorded order), then finished.
+pub(crate) fn of_entity(
+    store: &Store,
+    entity: &str,
+    key: &str,
+) -> Result<Vec<EffectInfo>, StoreError> {
+    let mut out = Vec::new();
+    for space in [Space::Outbox, Space::EffectHistory] {
+        for entry in store.scan_prefix(&keys::entity_prefix(space, entity, key))? {
+            let (_, v) = entry?;
+            if let Ok(record) = codec::decode::<EffectRecord>("effect record", &v) {
+                out.push(record.info);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_moves_follow_the_table() {
+        use EffectStatus::*;
+        assert!(Pending.can_move_to(Running));
+        assert!(Running.can_move_to(Done));
+        assert!(DeadLettered.can_move_to(Pending));
+        assert!(!Done.can_move_to(Running), "a done effect never runs again");
+        assert!(
+            !Failed.can_move_to(Pending),
+            "a permanent failure is never retried"
+        );
+        assert!(
+            !Pending.can_move_to(Done),
+            "nothing is done without running"
+        );
+    }
+}
