@@ -421,16 +421,7 @@ impl<E: Entity> IntoFuture for Ask<E> {
                     key: key.clone(),
                     job,
                 })
-                .map_err(|e| {
-                    eprintln!(
-                        "DIAG try_send failed: {}",
-                        match e {
-                            actix::prelude::SendError::Full(_) => "full",
-                            actix::prelude::SendError::Closed(_) => "closed",
-                        }
-                    );
-                    closed()
-                })?;
+                .map_err(|_| closed())?;
             // Do not keep the runtime alive while waiting: a dropped runtime must be able
             // to close its database.
             drop(inner);
