@@ -11,8 +11,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use keystead::{
-    Context, Entity, Failure, FailureKind, Outcome, Recorded, RetryPolicy, Runtime, SubmitError,
+    Context, Effect, EffectContext, EffectError, EffectInfo, Entity, Executor, Failure,
+    FailureKind, Feedback, Outcome, Recorded, RetryPolicy, Runtime, SubmitError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +39,8 @@ struct Order {
     paid_cents: u64,
     stock_reserved: bool,
     carrier_notified: bool,
+    /// Set by the payment provider's feedback, once the charge is captured.
+    provider_ref: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,6 +53,10 @@ enum OrderCmd {
     ReserveStock,
     /// The carrier's API is down: fails every time.
     NotifyCarrier,
+    /// Feedback from the payment provider (sent by the keystead effect workers).
+    PaymentCaptured {
+        provider_ref: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
@@ -100,6 +110,9 @@ impl Entity for OrderEntity {
                 order.status = Status::Paid;
                 order.charges += 1;
                 order.paid_cents = *cents;
+                // Never call the provider from a handler: record the charge; it runs after
+                // the commit, with this message's effect key as the provider's idempotency key.
+                ctx.effect(ChargeCard { cents: *cents });
                 format!("charged {}.{:02} EUR", cents / 100, cents % 100)
             }
             OrderCmd::Ship => {
@@ -120,6 +133,10 @@ impl Entity for OrderEntity {
                 "stock reserved".into()
             }
             OrderCmd::NotifyCarrier => return Err(OrderError::CarrierDown),
+            OrderCmd::PaymentCaptured { provider_ref } => {
+                order.provider_ref = Some(provider_ref.clone());
+                format!("captured as {provider_ref}")
+            }
         };
         Ok(Receipt {
             text,
@@ -175,6 +192,7 @@ impl Entity for CustomerEntity {
         let text = match cmd {
             CustomerCmd::Create { email } => {
                 c.email = email.clone();
+                ctx.effect(SendWelcome { to: email.clone() });
                 "created".to_string()
             }
             CustomerCmd::SetEmail(e) => {
@@ -194,6 +212,68 @@ impl Entity for CustomerEntity {
             text,
             attempt: ctx.attempt(),
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Side effects: a payment provider and a mailer, both behind keystead's outbox, both with
+// injected timeouts. Each remembers the idempotency keys it has seen, as a real provider
+// does, so a repeated call is absorbed.
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ChargeCard {
+    cents: u64,
+}
+impl Effect for ChargeCard {
+    const NAME: &'static str = "charge_card";
+    type Origin = OrderEntity;
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SendWelcome {
+    to: String,
+}
+impl Effect for SendWelcome {
+    const NAME: &'static str = "send_welcome";
+    type Origin = CustomerEntity;
+}
+
+/// Times out on the first two attempts of every charge, then captures it.
+#[derive(Default)]
+struct PaymentProvider {
+    calls: AtomicU32,
+}
+impl Executor<ChargeCard> for PaymentProvider {
+    fn execute(
+        &self,
+        charge: &ChargeCard,
+        ctx: &EffectContext,
+    ) -> Result<Feedback<ChargeCard>, EffectError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if ctx.attempt() < 3 {
+            return Err(EffectError::retryable("payment provider timed out"));
+        }
+        let provider_ref = format!("pay_{}_{}", charge.cents, ctx.effect_key().key);
+        Ok(Some(OrderCmd::PaymentCaptured { provider_ref }))
+    }
+}
+
+/// Times out once, then sends.
+#[derive(Default)]
+struct Mailer {
+    calls: AtomicU32,
+}
+impl Executor<SendWelcome> for Mailer {
+    fn execute(
+        &self,
+        _mail: &SendWelcome,
+        ctx: &EffectContext,
+    ) -> Result<Feedback<SendWelcome>, EffectError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if ctx.attempt() < 2 {
+            return Err(EffectError::retryable("SMTP server timed out"));
+        }
+        Ok(None)
     }
 }
 
@@ -319,9 +399,19 @@ async fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/keystead-orders-db"));
     let fresh = !path.exists();
+    let payments = Arc::new(PaymentProvider::default());
+    let mailer = Arc::new(Mailer::default());
     let rt = Runtime::builder(&path)
         .register::<OrderEntity>()
         .register::<CustomerEntity>()
+        .executor::<ChargeCard>(SharedExecutor(payments.clone()))
+        .executor::<SendWelcome>(SharedExecutor(mailer.clone()))
+        .effect_retry(
+            RetryPolicy::default()
+                .attempts_max(5)
+                .backoff_initial(Duration::from_millis(20))
+                .backoff_max(Duration::from_millis(100)),
+        )
         .retry(
             RetryPolicy::default()
                 .attempts_max(4)
@@ -526,6 +616,21 @@ async fn main() -> Result<()> {
 
     print_table(&demo.rows);
 
+    // Effects run on their own workers after each commit; wait for them to settle.
+    demo.rt.idle().await;
+    println!("\nEffects (outbox -> provider, idempotency key = effect key):");
+    let mut effects: Vec<EffectInfo> = Vec::new();
+    for key in ["o-1001", "o-1002", "o-1003"] {
+        effects.extend(demo.rt.effects_of::<OrderEntity>(key)?);
+    }
+    effects.extend(demo.rt.effects_of::<CustomerEntity>("c-alice")?);
+    print_effects(&effects);
+    println!(
+        "Calls this run: payment provider {}, mailer {} (a second run makes none: nothing is charged or sent twice)",
+        payments.calls.load(Ordering::SeqCst),
+        mailer.calls.load(Ordering::SeqCst)
+    );
+
     println!("\nFinal states (read back from sled):");
     for key in ["o-1001", "o-1002", "o-1003"] {
         let s = demo.rt.entity::<OrderEntity>(key).snapshot()?;
@@ -554,6 +659,38 @@ async fn main() -> Result<()> {
     println!("(start over: rm -rf {})", path.display());
     demo.rt.shutdown().await;
     Ok(())
+}
+
+/// Lets the demo keep a handle on an executor to read its call count.
+struct SharedExecutor<X>(Arc<X>);
+impl<T: Effect, X: Executor<T>> Executor<T> for SharedExecutor<X> {
+    fn execute(&self, effect: &T, ctx: &EffectContext) -> Result<Feedback<T>, EffectError> {
+        self.0.execute(effect, ctx)
+    }
+}
+
+fn print_effects(effects: &[EffectInfo]) {
+    let wk = effects
+        .iter()
+        .map(|e| e.effect_key.to_string().len())
+        .max()
+        .unwrap_or(10)
+        .max(10);
+    println!(
+        "{:wk$}  {:14}  {:13}  {:>8}  last error",
+        "effect key", "effect", "status", "attempts"
+    );
+    println!("{}", "-".repeat(wk + 70));
+    for e in effects {
+        println!(
+            "{:wk$}  {:14}  {:13}  {:>8}  {}",
+            e.effect_key.to_string(),
+            e.name,
+            format!("{:?}", e.status),
+            e.attempts,
+            e.last_error.as_deref().unwrap_or("-")
+        );
+    }
 }
 
 fn print_table(rows: &[Row]) {

@@ -168,3 +168,60 @@ async fn payloads_are_logged_only_when_asked() {
     let c = captured().lock().unwrap();
     assert!(c.events.iter().any(|e| e.contains("visible-payload-42")));
 }
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Ping;
+impl keystead::Effect for Ping {
+    const NAME: &'static str = "ping";
+    type Origin = Pinger;
+}
+struct Pinger;
+impl keystead::Entity for Pinger {
+    const NAME: &'static str = "pinger";
+    type State = u8;
+    type Command = u8;
+    type Reply = u8;
+    type Error = TallyError;
+    fn handle(_: &mut u8, c: &u8, ctx: &mut keystead::Context<'_>) -> Result<u8, TallyError> {
+        ctx.effect(Ping);
+        Ok(*c)
+    }
+}
+struct Pong;
+impl keystead::Executor<Ping> for Pong {
+    fn execute(
+        &self,
+        _: &Ping,
+        _: &keystead::EffectContext,
+    ) -> Result<keystead::Feedback<Ping>, keystead::EffectError> {
+        Ok(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effect_spans_carry_the_correlation_id_of_their_message() {
+    install();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = keystead::Runtime::builder(dir.path())
+        .register::<Pinger>()
+        .executor::<Ping>(Pong)
+        .open()
+        .unwrap();
+    rt.entity::<Pinger>("p-1")
+        .ask(1)
+        .id("ping-1")
+        .correlation_id("req-effect-42")
+        .await
+        .unwrap();
+    rt.idle().await;
+    rt.shutdown().await;
+    let c = captured().lock().unwrap();
+    let span = c
+        .spans
+        .iter()
+        .find(|s| s.get("name").map(String::as_str) == Some("keystead.effect"))
+        .expect("an effect span");
+    assert_eq!(span["correlation_id"], "req-effect-42");
+    assert_eq!(span["effect_key"], "pinger/p-1/ping-1/0");
+    assert_eq!(span["status"], "done");
+}
