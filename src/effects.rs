@@ -380,17 +380,10 @@ impl Registered {
             origin: <T::Origin as Entity>::NAME,
             run: Arc::new(move |payload, ctx| {
                 let executor = executor.clone();
-                Box::pin(async move {
-                    let task = tokio::task::spawn_blocking(move || {
-                        let effect: T =
-                            codec::decode("effect", &payload).map_err(EffectError::permanent)?;
-                        let feedback = executor.execute(&effect, &ctx)?;
-                        encode_feedback::<T>(feedback)
-                    });
-                    task.await.unwrap_or_else(|e| {
-                        Err(EffectError::retryable(format!("executor panicked: {e}")))
-                    })
-                })
+                joined(tokio::task::spawn_blocking(move || {
+                    let effect = decode_effect::<T>(&payload)?;
+                    encode_feedback::<T>(executor.execute(&effect, &ctx)?)
+                }))
             }),
         }
     }
@@ -401,20 +394,26 @@ impl Registered {
             origin: <T::Origin as Entity>::NAME,
             run: Arc::new(move |payload, ctx| {
                 let executor = executor.clone();
-                Box::pin(async move {
-                    let task = tokio::spawn(async move {
-                        let effect: T =
-                            codec::decode("effect", &payload).map_err(EffectError::permanent)?;
-                        let feedback = executor.execute(effect, ctx).await?;
-                        encode_feedback::<T>(feedback)
-                    });
-                    task.await.unwrap_or_else(|e| {
-                        Err(EffectError::retryable(format!("executor panicked: {e}")))
-                    })
-                })
+                joined(tokio::spawn(async move {
+                    let effect = decode_effect::<T>(&payload)?;
+                    encode_feedback::<T>(executor.execute(effect, ctx).await?)
+                }))
             }),
         }
     }
+}
+
+/// Awaits an executor's task; a panic in the executor is a retryable failure of that effect.
+fn joined(task: tokio::task::JoinHandle<Outcome>) -> Running {
+    Box::pin(async move {
+        task.await
+            .unwrap_or_else(|e| Err(EffectError::retryable(format!("executor panicked: {e}"))))
+    })
+}
+
+/// A stored payload that no longer decodes as `T` can never succeed: a permanent failure.
+fn decode_effect<T: Effect>(payload: &[u8]) -> Result<T, EffectError> {
+    codec::decode("effect", payload).map_err(EffectError::permanent)
 }
 
 fn encode_feedback<T: Effect>(feedback: Feedback<T>) -> Outcome {

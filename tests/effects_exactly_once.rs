@@ -706,3 +706,40 @@ async fn an_effect_without_an_executor_dead_letters_its_message() {
     );
     rt.shutdown().await;
 }
+
+/// Panics on the first attempt, then delegates.
+struct PanicsOnce(Arc<Provider>);
+impl Executor<Charge> for PanicsOnce {
+    fn execute(
+        &self,
+        charge: &Charge,
+        ctx: &EffectContext,
+    ) -> Result<Feedback<Charge>, EffectError> {
+        if ctx.attempt() == 1 {
+            panic!("handler bug in the executor");
+        }
+        Payments(self.0.clone()).execute(charge, ctx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_executor_is_a_retryable_failure_of_that_effect() {
+    quiet_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(Provider::default());
+    let rt = base(dir.path())
+        .executor::<Charge>(PanicsOnce(provider.clone()))
+        .open()
+        .unwrap();
+    rt.entity::<AccountEntity>("p")
+        .ask(AccountCmd::Pay { order: "o1".into() })
+        .id("pay-1")
+        .await
+        .unwrap();
+    rt.idle().await;
+    let info = rt.effect(&charge_key("p", "pay-1")).unwrap().unwrap();
+    assert_eq!((info.status, info.attempts), (EffectStatus::Done, 2));
+    assert!(info.last_error.unwrap().contains("executor panicked"));
+    assert_eq!(provider.calls(&charge_key("p", "pay-1")), 1);
+    rt.shutdown().await;
+}
