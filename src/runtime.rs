@@ -1000,8 +1000,11 @@ impl Runtime {
     }
 
     /// Stops admitting messages, waits for the admitted ones to finish, then stops the
-    /// actors and closes the database. Messages still in the inbox (for example waiting on
-    /// an unregistered type) stay there for the next open.
+    /// actors and the effect workers and closes the database. Messages still in the inbox
+    /// (for example waiting on an unregistered type) stay there for the next open. Effects
+    /// not finished yet (a provider that is down, an executor still running) are not waited
+    /// for: they stay in the outbox and run again, with the same effect key, at the next
+    /// open. Await [`Runtime::idle`] first to let them finish.
     pub async fn shutdown(self) {
         for shard in &self.inner.shards {
             shard.permits.close();
