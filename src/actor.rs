@@ -521,7 +521,7 @@ impl<E: Entity> EntityActor<E> {
                     return self.complete(work, next, outcome);
                 }
                 self.busy = true;
-                let commit = self.store.commit(ops);
+                let commit = self.store.commit_with_seq(ops, outbox_seq);
                 ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
                     act.busy = false;
                     match result {
@@ -712,7 +712,7 @@ impl<E: Entity> EntityActor<E> {
             }
         };
         self.busy = true;
-        let commit = self.store.commit(ops);
+        let commit = self.store.commit_with_seq(ops, requeued_seq.unwrap_or(0));
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
             act.busy = false;
             match result {

@@ -515,7 +515,7 @@ impl<E: Entity> IntoFuture for Tell<E> {
             let seq = inner.shared.next_seq();
             let commit = inner
                 .store
-                .commit(vec![Op::Put(keys::inbox(E::NAME, &key, seq), bytes)]);
+                .commit_with_seq(vec![Op::Put(keys::inbox(E::NAME, &key, seq), bytes)], seq);
             commit.await.map_err(|source| SubmitError::Storage {
                 entity: E::NAME,
                 key: key.clone(),

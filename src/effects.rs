@@ -650,7 +650,7 @@ impl Effects {
                         }
                         None => None,
                     };
-                    self.commit(ops).await?;
+                    self.commit_with_seq(ops, feedback_seq.unwrap_or(0)).await?;
                     Stats::bump(&self.shared.stats.effects_done);
                     tracing::info!(target: "keystead", parent: &span, "effect done");
                     if feedback_seq.is_some() {
@@ -750,7 +750,11 @@ impl Effects {
     }
 
     async fn commit(&self, ops: Vec<Op>) -> Result<(), ()> {
-        match self.store.commit(ops).await {
+        self.commit_with_seq(ops, 0).await
+    }
+
+    async fn commit_with_seq(&self, ops: Vec<Op>, seq: u64) -> Result<(), ()> {
+        match self.store.commit_with_seq(ops, seq).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(target: "keystead", error = %e,

@@ -51,8 +51,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The next inbox sequence number. Starts above every sequence found at open, so new
-    /// entries always sort after recovered ones.
+    /// The next inbox/outbox sequence number. Starts above every sequence ever committed
+    /// (the store's high-water mark and the inbox), so new keys never reuse an old one and
+    /// sort after recovered entries. Commit it with `Store::commit_with_seq`.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
@@ -523,11 +524,16 @@ impl RuntimeBuilder {
             path: self.path.clone(),
             source,
         })?;
+        let high_water = store.seq_high_water().map_err(|source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let seq_start = scan.seq_max.unwrap_or(0).max(high_water).saturating_add(1);
         let shared = Arc::new(Shared {
             config: self.config.clone(),
             clock: self.clock.clone(),
             stats: Stats::default(),
-            seq: AtomicU64::new(scan.seq_max.map_or(1, |s| s.saturating_add(1))),
+            seq: AtomicU64::new(seq_start),
         });
         shared
             .stats

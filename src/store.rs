@@ -22,6 +22,12 @@ use crate::keys;
 /// The layout marker this release writes and reads.
 pub(crate) const LAYOUT: &str = "keystead-sled-1";
 
+/// The meta record holding the highest sequence ever committed. Inbox, outbox and effect
+/// history keys embed a sequence that must never be reused for the same entity (a reused
+/// outbox key would overwrite a pending effect). Each batch that uses sequences raises this
+/// mark in the same atomic write, and `open` starts the counter above it.
+const SEQ_HIGH_WATER: &str = "seq_high_water";
+
 /// A stored key and its value.
 pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 
@@ -36,6 +42,8 @@ pub(crate) enum Op {
 
 struct Commit {
     ops: Vec<Op>,
+    /// The highest inbox/outbox sequence these ops use (0: none); see `SEQ_HIGH_WATER`.
+    seq: u64,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -196,6 +204,14 @@ impl Store {
         self.db.read().clone().ok_or(StoreError::Closed)
     }
 
+    /// The highest sequence any committed batch used (0 for a new database).
+    pub(crate) fn seq_high_water(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .get(&keys::meta(SEQ_HIGH_WATER))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
     /// Reads one value.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.db()?
@@ -256,12 +272,22 @@ impl Store {
         &self,
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        self.commit_with_seq(ops, 0)
+    }
+
+    /// Like [`Store::commit`], for ops whose keys use sequence numbers up to `seq`: the
+    /// batch also raises the durable high-water mark to at least `seq`.
+    pub(crate) fn commit_with_seq(
+        &self,
+        ops: Vec<Op>,
+        seq: u64,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
         let queued = self
             .check_poisoned()
             .and_then(|()| match self.commits.lock().as_ref() {
                 None => Err(StoreError::Closed),
-                Some(tx) => match tx.try_send(Commit { ops, done }) {
+                Some(tx) => match tx.try_send(Commit { ops, seq, done }) {
                     Ok(()) => Ok(()),
                     Err(TrySendError::Full(_)) => Err(StoreError::Busy),
                     Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
@@ -338,6 +364,13 @@ fn run_committer(
     batch_max: usize,
     poisoned: &Mutex<Option<String>>,
 ) {
+    let high_water_key = keys::meta(SEQ_HIGH_WATER);
+    let mut high_water = db
+        .get(&high_water_key)
+        .ok()
+        .flatten()
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
     while let Ok(first) = rx.recv() {
         if let Some(first_error) = poisoned.lock().clone() {
             // Refuse without touching sled: after an I/O error it cannot be trusted to
@@ -348,7 +381,9 @@ fn run_committer(
         let mut waiters = Vec::with_capacity(batch_max.min(64));
         let mut batch = sled::Batch::default();
         let mut next = Some(first);
+        let mut batch_seq = 0;
         while let Some(commit) = next.take() {
+            batch_seq = batch_seq.max(commit.seq);
             for op in commit.ops {
                 match op {
                     Op::Put(k, v) => batch.insert(k, v),
@@ -360,6 +395,9 @@ fn run_committer(
                 next = rx.try_recv().ok();
             }
         }
+        if batch_seq > high_water {
+            batch.insert(high_water_key.clone(), &batch_seq.to_be_bytes());
+        }
         let result = db
             .apply_batch(batch)
             .map_err(|e| StoreError::from_sled("commit", e))
@@ -368,6 +406,9 @@ fn run_committer(
                     .map(|_| ())
                     .map_err(|e| StoreError::from_sled("flush", e))
             });
+        if result.is_ok() {
+            high_water = high_water.max(batch_seq);
+        }
         if let Err(e) = &result {
             tracing::error!(target: "keystead", error = %e, "commit failed; the store stops writing until reopened");
             *poisoned.lock() = Some(e.to_string());

@@ -743,3 +743,48 @@ async fn a_panicking_executor_is_a_retryable_failure_of_that_effect() {
     assert_eq!(provider.calls(&charge_key("p", "pay-1")), 1);
     rt.shutdown().await;
 }
+
+/// Regression (found by tests/crash_torture.rs): the sequence in outbox keys restarted from
+/// the inbox's highest entry at open, so after a reopen with an empty inbox a new effect of
+/// the same entity reused a pending effect's key and overwrote it; that effect never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_effect_survives_a_reopen_followed_by_new_effects() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(Provider::default());
+    let (release, held) = bounded::<()>(0);
+    {
+        let rt = base(dir.path())
+            .executor::<Charge>(HeldBefore(held.clone()))
+            .open()
+            .unwrap();
+        rt.entity::<AccountEntity>("s")
+            .ask(AccountCmd::Pay { order: "o1".into() })
+            .id("pay-1")
+            .await
+            .unwrap();
+        rt.close_now();
+    }
+    {
+        // Reopen (inbox empty) and record a second effect for the same entity.
+        let rt = base(dir.path())
+            .executor::<Charge>(HeldBefore(held))
+            .open()
+            .unwrap();
+        rt.entity::<AccountEntity>("s")
+            .ask(AccountCmd::Pay { order: "o2".into() })
+            .id("pay-2")
+            .await
+            .unwrap();
+        assert!(
+            rt.effect(&charge_key("s", "pay-1")).unwrap().is_some(),
+            "the first effect is still recorded"
+        );
+        rt.close_now();
+    }
+    let rt = with_all(dir.path(), &provider).open().unwrap();
+    rt.idle().await;
+    drop(release);
+    assert_eq!(provider.calls(&charge_key("s", "pay-1")), 1);
+    assert_eq!(provider.calls(&charge_key("s", "pay-2")), 1);
+    rt.shutdown().await;
+}
