@@ -246,6 +246,9 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64) {
 pub struct Report {
     pub kills: u64,
     pub kills_early: u64,
+    /// Children that exited with an error before being killed (e.g. a database that no
+    /// longer opens: "bricked").
+    pub child_failures: u64,
     pub acknowledged: u64,
     pub applied: u64,
     pub duplicates_suppressed: u64,
@@ -262,6 +265,7 @@ pub struct Report {
 impl Report {
     pub fn ok(&self) -> bool {
         self.lost == 0
+            && self.child_failures == 0
             && self.double_applied == 0
             && self.version_regressions == 0
             && self.effects_missing == 0
@@ -270,8 +274,9 @@ impl Report {
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 13] = [
+        let rows: [(&str, String); 14] = [
             ("kills (SIGKILL)", self.kills.to_string()),
+            ("BRICKED / failed starts", self.child_failures.to_string()),
             (
                 "  of which within 60 ms of start (inside open)",
                 self.kills_early.to_string(),
@@ -331,6 +336,12 @@ pub async fn torture(
         let mut child = spawn(dir, run, u64::MAX);
         // The delay is the fault being injected (when to kill), not synchronisation.
         std::thread::sleep(Duration::from_millis(life_ms));
+        if let Ok(Some(status)) = child.try_wait() {
+            if !status.success() {
+                eprintln!("run {run}: the child failed on its own: {status:?}");
+                report.child_failures += 1;
+            }
+        }
         let _ = child.kill();
         let _ = child.wait();
         report.kills += 1;
