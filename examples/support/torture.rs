@@ -276,11 +276,11 @@ impl Report {
     pub fn print(&self) {
         let rows: [(&str, String); 14] = [
             ("kills (SIGKILL)", self.kills.to_string()),
-            ("BRICKED / failed starts", self.child_failures.to_string()),
             (
                 "  of which within 60 ms of start (inside open)",
                 self.kills_early.to_string(),
             ),
+            ("BRICKED / failed starts", self.child_failures.to_string()),
             ("messages acknowledged", self.acknowledged.to_string()),
             ("acknowledged and applied", self.applied.to_string()),
             (
