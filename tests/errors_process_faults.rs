@@ -217,3 +217,83 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
         rt.shutdown().await;
     });
 }
+
+/// A read-only disk: opening is refused with a typed error naming the directory, and once
+/// the disk is writable again everything acknowledged before is there. (Linux refuses to
+/// remount a filesystem read-only while files on it are open for writing, so the switch is
+/// staged between two runs rather than under a running runtime.)
+#[test]
+fn a_read_only_disk_refuses_cleanly_and_recovers() {
+    let _serial = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    let mount = tempfile::tempdir().unwrap();
+    let mnt = mount.path().to_path_buf();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(mounted, "cannot mount a tmpfs (this test needs root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("mount")
+                .args(["-o", "remount,rw"])
+                .arg(&self.0)
+                .status();
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let path = mnt.join("db");
+    let remount = |mode: &str| {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "remount {mode}");
+    };
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    tokio.block_on(async {
+        let rt = builder(&path).open().unwrap();
+        for i in 0..10 {
+            rt.entity::<TallyEntity>("ro")
+                .tell(add(format!("m{i}")))
+                .id(format!("m{i}"))
+                .await
+                .unwrap();
+        }
+        rt.shutdown().await; // drains; the runtime's files are closed
+    });
+    remount("ro");
+    let refused = builder(&path).open().unwrap_err();
+    eprintln!("read-only open refused: {refused}");
+    assert!(
+        matches!(
+            refused,
+            keystead::OpenError::Io { .. } | keystead::OpenError::Store { .. }
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        refused.to_string().contains(&path.display().to_string()),
+        "{refused}"
+    );
+    remount("rw");
+    tokio.block_on(async {
+        let rt = builder(&path).open().unwrap();
+        rt.idle().await;
+        let e = rt.entity::<TallyEntity>("ro");
+        assert_eq!(
+            e.snapshot().unwrap().state.count,
+            10,
+            "everything acknowledged is there"
+        );
+        assert_eq!(
+            e.ask(add("after")).await.unwrap().kind(),
+            keystead::OutcomeKind::Applied
+        );
+        rt.shutdown().await;
+    });
+}
