@@ -799,6 +799,22 @@ fn purge_expired(inner: &Inner) -> Result<u64, StoreError> {
             removed += 1;
         }
     }
+    // Finished effects (done or failed) leave the history after the same window; dead
+    // letters stay until an operator requeues or inspects them.
+    for entry in inner.store.scan_prefix(&[Space::EffectHistory as u8])? {
+        let (key, value) = entry?;
+        let Ok(record) = codec::decode::<effects::EffectRecord>("effect record", &value) else {
+            continue;
+        };
+        let finished = matches!(
+            record.info.status,
+            effects::EffectStatus::Done | effects::EffectStatus::Failed
+        );
+        let age_ms = now.saturating_sub(record.info.updated_at_ms);
+        if finished && age_ms > retention_ms && inner.store.remove_if_unchanged(&key, &value)? {
+            removed += 1;
+        }
+    }
     Ok(removed)
 }
 
@@ -993,8 +1009,9 @@ impl Runtime {
         Ok(self.inner.effects.requeue(key).await?)
     }
 
-    /// Removes dedup records older than the retention window now (a background thread also
-    /// does this every `dedup_purge_every`). Returns how many were removed.
+    /// Removes dedup records, and finished (done or failed) effect records, older than the
+    /// retention window now (a background thread also does this every `dedup_purge_every`).
+    /// Dead-lettered effects are kept. Returns how many records were removed.
     ///
     /// # Errors
     /// [`AdminError::Storage`] if the store fails; [`AdminError::Closed`] after shutdown.

@@ -788,3 +788,54 @@ async fn a_pending_effect_survives_a_reopen_followed_by_new_effects() {
     assert_eq!(provider.calls(&charge_key("s", "pay-2")), 1);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_effects_leave_the_history_after_the_retention_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(Provider::default());
+    let clock = keystead::ManualClock::new(1_000_000);
+    let rt = with_all(dir.path(), &provider)
+        .clock(clock.clone())
+        .dedup_retention(Duration::from_secs(60))
+        .effect_retry(effect_retry(1))
+        .open()
+        .unwrap();
+    let user = rt.entity::<AccountEntity>("h");
+    user.ask(AccountCmd::Pay { order: "o1".into() })
+        .id("pay-1")
+        .await
+        .unwrap();
+    rt.idle().await; // the first charge is done before the provider goes down
+    provider.down.store(true, Ordering::SeqCst);
+    user.ask(AccountCmd::Pay { order: "o2".into() })
+        .id("pay-2")
+        .await
+        .unwrap();
+    rt.idle().await;
+    assert_eq!(
+        rt.effect(&charge_key("h", "pay-2"))
+            .unwrap()
+            .unwrap()
+            .status,
+        EffectStatus::DeadLettered
+    );
+    clock.advance(Duration::from_secs(60));
+    rt.purge_expired_dedup().unwrap();
+    assert!(
+        rt.effect(&charge_key("h", "pay-1")).unwrap().is_some(),
+        "kept inside the window"
+    );
+    clock.advance(Duration::from_millis(1));
+    let removed = rt.purge_expired_dedup().unwrap();
+    let left = rt.effect(&charge_key("h", "pay-1")).unwrap();
+    assert!(
+        left.is_none(),
+        "done: purged after it ({removed} removed, now {}): {left:?}",
+        keystead::Clock::now_ms(&clock)
+    );
+    assert!(
+        rt.effect(&charge_key("h", "pay-2")).unwrap().is_some(),
+        "dead letters are kept"
+    );
+    rt.shutdown().await;
+}
