@@ -484,6 +484,8 @@ impl<E: Entity> EntityActor<E> {
                 }
                 let has_effects =
                     matches!(&verdict, Verdict::Applied { effects, .. } if !effects.is_empty());
+                let has_independent = matches!(&verdict,
+                    Verdict::Applied { effects, .. } if effects.iter().any(|e| e.independent));
                 let outbox_seq = if has_effects {
                     self.shared.next_seq()
                 } else {
@@ -527,7 +529,7 @@ impl<E: Entity> EntityActor<E> {
                     match result {
                         Ok(()) => {
                             if has_effects {
-                                act.effects.wake(E::NAME, &act.key);
+                                act.effects.wake(E::NAME, &act.key, has_independent);
                             }
                             act.complete(work, next, outcome)
                         }

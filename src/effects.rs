@@ -496,10 +496,13 @@ impl Effects {
         }
     }
 
-    /// Makes sure a lane runs for entity (`entity`, `key`), and starts its independent
-    /// effects at once (they must not wait behind an ordered effect that is retrying).
-    pub(crate) fn wake(self: &Arc<Self>, entity: &str, key: &str) {
-        self.start_independent(&keys::entity_prefix(Space::Outbox, entity, key));
+    /// Makes sure a lane runs for entity (`entity`, `key`); with `independent`, also starts
+    /// its independent effects at once (they must not wait behind an ordered effect that is
+    /// retrying). Pass `independent` only when there may be some: it costs an outbox scan.
+    pub(crate) fn wake(self: &Arc<Self>, entity: &str, key: &str, independent: bool) {
+        if independent {
+            self.start_independent(&keys::entity_prefix(Space::Outbox, entity, key));
+        }
         let id = (entity.to_string(), key.to_string());
         {
             let mut lanes = self.lanes.lock();
@@ -784,7 +787,7 @@ impl Effects {
         self.store
             .commit(vec![Op::Delete(history_key), Op::Put(outbox_key, bytes)])
             .await?;
-        self.wake(&key.entity, &key.key);
+        self.wake(&key.entity, &key.key, record.independent);
         Ok(true)
     }
 }

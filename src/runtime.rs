@@ -583,7 +583,7 @@ impl RuntimeBuilder {
         effects.bind(Arc::downgrade(&inner));
         start_recovery(&inner, scan.entities);
         for (entity, key) in &outbox {
-            effects.wake(entity, key);
+            effects.wake(entity, key, true);
         }
         tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
             recovered_messages = scan.entries, effect_lanes_resumed = outbox.len(), "runtime open");

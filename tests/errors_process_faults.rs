@@ -16,6 +16,48 @@ use keystead::{OpenError, StoreError, SubmitError};
 /// Serialises the tests of this file (each spawns processes).
 static SPAWNING: Mutex<()> = Mutex::new(());
 
+/// A size-limited tmpfs mounted on a temporary directory, unmounted on drop. Mounting needs
+/// root; this workplace's developers and CI run as root.
+struct Tmpfs {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(mounted, "cannot mount a tmpfs (this test needs root)");
+        Self { path, _dir: dir }
+    }
+
+    /// Changes mount options (`size=256m`, `ro`, `rw`).
+    fn remount(&self, options: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "remount {options}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("mount")
+            .args(["-o", "remount,rw"])
+            .arg(&self.path)
+            .status();
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
 /// Run as a child process by `another_process_holding_the_database_is_refused`: holds the
 /// database open until its stdin closes.
 #[test]
@@ -138,24 +180,8 @@ async fn child_fill_disk() {
 #[test]
 fn a_full_disk_refuses_work_cleanly_and_recovers() {
     let _serial = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
-    // Mounting needs root; this workplace's developers and CI run as root.
-    let mount = tempfile::tempdir().unwrap();
-    let mnt = mount.path().to_path_buf();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(mounted, "cannot mount a tmpfs (this test needs root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
-    let path = mnt.join("db");
+    let disk = Tmpfs::mount("4m");
+    let path = disk.path.join("db");
 
     let child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -187,12 +213,7 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
         "only {acknowledged} acknowledged before the disk filled"
     );
 
-    let grown = Command::new("mount")
-        .args(["-o", "remount,size=256m"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(grown.success());
+    disk.remount("size=256m");
     let tokio = tokio::runtime::Runtime::new().unwrap();
     tokio.block_on(async {
         let rt = builder(&path).open().unwrap();
@@ -225,35 +246,8 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
 #[test]
 fn a_read_only_disk_refuses_cleanly_and_recovers() {
     let _serial = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
-    let mount = tempfile::tempdir().unwrap();
-    let mnt = mount.path().to_path_buf();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(mounted, "cannot mount a tmpfs (this test needs root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("mount")
-                .args(["-o", "remount,rw"])
-                .arg(&self.0)
-                .status();
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
-    let path = mnt.join("db");
-    let remount = |mode: &str| {
-        let ok = Command::new("mount")
-            .args(["-o", &format!("remount,{mode}")])
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "remount {mode}");
-    };
+    let disk = Tmpfs::mount("64m");
+    let path = disk.path.join("db");
     let tokio = tokio::runtime::Runtime::new().unwrap();
     tokio.block_on(async {
         let rt = builder(&path).open().unwrap();
@@ -266,7 +260,7 @@ fn a_read_only_disk_refuses_cleanly_and_recovers() {
         }
         rt.shutdown().await; // drains; the runtime's files are closed
     });
-    remount("ro");
+    disk.remount("ro");
     let refused = builder(&path).open().unwrap_err();
     eprintln!("read-only open refused: {refused}");
     assert!(
@@ -280,7 +274,7 @@ fn a_read_only_disk_refuses_cleanly_and_recovers() {
         refused.to_string().contains(&path.display().to_string()),
         "{refused}"
     );
-    remount("rw");
+    disk.remount("rw");
     tokio.block_on(async {
         let rt = builder(&path).open().unwrap();
         rt.idle().await;
