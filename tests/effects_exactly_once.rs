@@ -190,9 +190,8 @@ impl Provider {
             .copied()
             .unwrap_or(0)
     }
-    fn performed_for(&self, entity_key: &str, effect: &str) -> Vec<String> {
+    fn performed_for(&self, entity_key: &str) -> Vec<String> {
         let needle = format!("account/{entity_key}/");
-        let _ = effect;
         self.performed
             .lock()
             .unwrap()
@@ -321,7 +320,7 @@ async fn seed_races_charge_once_and_welcome_once_for_200_users() {
             .sum();
         assert_eq!(welcome_calls, 1, "one welcome email for {user}");
         assert_eq!(
-            provider.performed_for(&user, "").len(),
+            provider.performed_for(&user).len(),
             2,
             "{user}: one charge + one email"
         );
@@ -438,7 +437,7 @@ async fn a_crash_after_the_provider_call_repeats_it_with_the_same_key() {
         2,
         "the provider saw the same key twice"
     );
-    assert_eq!(provider.performed_for("a", "").len(), 1, "and charged once");
+    assert_eq!(provider.performed_for("a").len(), 1, "and charged once");
     let info = rt.effect(&key).unwrap().unwrap();
     assert_eq!((info.status, info.attempts), (EffectStatus::Done, 2));
     let state = rt.entity::<AccountEntity>("a").snapshot().unwrap().state;
@@ -486,7 +485,7 @@ async fn a_down_provider_never_blocks_the_entity_and_effects_catch_up_in_order()
         .map(|o| charge_key("busy", &format!("pay-{o}")).to_string())
         .collect();
     assert_eq!(
-        provider.performed_for("busy", ""),
+        provider.performed_for("busy"),
         expected,
         "caught up in recorded order"
     );
@@ -537,7 +536,7 @@ async fn effects_of_messages_that_did_not_apply_never_run() {
     assert_eq!(failed.kind(), OutcomeKind::DeadLettered);
     rt.idle().await;
     assert_eq!(
-        provider.performed_for("u", ""),
+        provider.performed_for("u"),
         vec![charge_key("u", "pay-1").to_string()]
     );
     let recorded = rt.effects_of::<AccountEntity>("u").unwrap();
