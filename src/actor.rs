@@ -59,6 +59,11 @@ pub(crate) enum Job<E: Entity> {
         reply: oneshot::Sender<Result<bool, AdminError>>,
         ticket: Ticket,
     },
+    /// Passivate now if nothing else is queued; replies whether the actor stopped.
+    Passivate {
+        reply: oneshot::Sender<Result<bool, AdminError>>,
+        ticket: Ticket,
+    },
 }
 
 /// The actor's mail: a job routed by the shard.
@@ -211,6 +216,7 @@ impl<E: Entity> EntityActor<E> {
                 entity: E::NAME,
                 key: act.key.clone(),
                 received: act.received,
+                done: None,
             };
             // The shard compares `received` with what it forwarded and answers with `Stop`
             // only if nothing is on its way; a closed shard means the runtime is stopping.
@@ -255,6 +261,26 @@ impl<E: Entity> EntityActor<E> {
                 reply,
                 ticket,
             } => self.admin(action, message_id, reply, ticket, ctx),
+            Job::Passivate { reply, ticket } => {
+                drop(ticket);
+                if !self.queue.is_empty() || self.stopping {
+                    let _ = reply.send(Ok(false));
+                    return;
+                }
+                // The same handshake as the idle timer: the shard decides, so a job already
+                // on its way keeps the actor alive.
+                let idle = Idle {
+                    entity: E::NAME,
+                    key: self.key.clone(),
+                    received: self.received,
+                    done: Some(reply),
+                };
+                if self.shard.try_send(idle).is_err() {
+                    // The shard is gone (the runtime is stopping); the caller sees
+                    // `Interrupted`.
+                    ctx.stop();
+                }
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use crate::error::{AdminError, SubmitError};
 use crate::ids;
 use crate::keys::{self, MESSAGE_ID_LEN_MAX};
 use crate::records::{InboxRecord, Meta, StateRecord};
-use crate::runtime::{check_key, Inner};
+use crate::runtime::{check_key, Inner, Ticket};
 use crate::store::Op;
 use crate::supervisor::Deliver;
 
@@ -318,7 +318,59 @@ impl<E: Entity> EntityRef<E> {
         self.admin(AdminAction::Purge, message_id).await
     }
 
+    /// Stops this entity's actor once the jobs before this call are done, as the runtime
+    /// does by itself after [`RuntimeBuilder::passivate_after`](crate::RuntimeBuilder::passivate_after).
+    /// The state stays on disk and the next message activates a fresh actor that reloads it.
+    /// Returns `true` if the actor stopped, `false` if more work had already arrived for it
+    /// (it then stays active). Tests use it to restart an actor between two messages.
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+    /// # #[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+    /// # #[error("never")] struct Never;
+    /// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter"; type State = u64; type Command = u64;
+    /// #     type Reply = u64; type Error = Never;
+    /// #     fn handle(s: &mut u64, by: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += by; Ok(*s) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
+    /// let counter = rt.entity::<Counter>("c-1");
+    /// counter.ask(2).await?;
+    /// assert!(counter.passivate().await?);
+    /// assert_eq!(rt.stats().live_entities, 0);
+    /// counter.ask(3).await?; // a fresh actor, state reloaded from disk
+    /// assert_eq!(counter.snapshot()?.state, 5);
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`AdminError::Closed`] or [`AdminError::Interrupted`] if the runtime stops first,
+    /// [`AdminError::NotRegistered`] for an unregistered type.
+    pub async fn passivate(&self) -> Result<bool, AdminError> {
+        self.submit_admin(|reply, ticket| Job::<E>::Passivate { reply, ticket })
+            .await
+    }
+
     async fn admin(&self, action: AdminAction, message_id: &str) -> Result<bool, AdminError> {
+        let message_id = message_id.to_string();
+        self.submit_admin(|reply, ticket| Job::<E>::Admin {
+            action,
+            message_id,
+            reply,
+            ticket,
+        })
+        .await
+    }
+
+    async fn submit_admin(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<bool, AdminError>>, Ticket) -> Job<E>,
+    ) -> Result<bool, AdminError> {
         let inner = self.runtime().map_err(|e| match e {
             SubmitError::NotRegistered { entity } => AdminError::NotRegistered { entity },
             _ => AdminError::Closed,
@@ -326,12 +378,7 @@ impl<E: Entity> EntityRef<E> {
         let shard = inner.shard_index(E::NAME, &self.key);
         let ticket = inner.admit(shard).await.ok_or(AdminError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        let job = Job::<E>::Admin {
-            action,
-            message_id: message_id.to_string(),
-            reply,
-            ticket,
-        };
+        let job = job(reply, ticket);
         inner.shards[shard]
             .addr
             .try_send(Deliver {

@@ -13,10 +13,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tokio::sync::oneshot;
 
 use crate::actor::{EntityActor, Forward, Job, Stop};
 use crate::effects::Effects;
 use crate::entity::Entity;
+use crate::error::AdminError;
 use crate::runtime::Shared;
 use crate::store::Store;
 
@@ -37,6 +39,8 @@ pub(crate) struct Idle {
     pub entity: &'static str,
     pub key: String,
     pub received: u64,
+    /// Told whether the actor was stopped, for [`EntityRef::passivate`](crate::EntityRef::passivate).
+    pub done: Option<oneshot::Sender<Result<bool, AdminError>>>,
 }
 
 struct Slot {
@@ -135,6 +139,9 @@ impl Handler<Idle> for Shard {
             if let Some(slot) = self.entities.remove(&id) {
                 (slot.stop)(slot.addr.as_ref());
             }
+        }
+        if let Some(done) = msg.done {
+            let _ = done.send(Ok(quiet));
         }
     }
 }

@@ -98,3 +98,45 @@ async fn passivation_racing_with_new_messages_loses_nothing() {
     );
     rt.shutdown().await;
 }
+
+/// `EntityRef::passivate` (what the chaos testkit uses to restart actors) racing with
+/// messages: every message is applied once, every `true` answer is a real stop, and every
+/// activation ends in a stop unless the actor is still live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passivate_on_demand_racing_with_messages_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = builder(dir.path())
+        .passivate_after(Duration::from_secs(3600))
+        .open()
+        .unwrap();
+    let e = rt.entity::<TallyEntity>("on-demand");
+    const ROUNDS: u64 = 300;
+    let mut stopped = 0;
+    for round in 0..ROUNDS {
+        let (passivated, applied) = tokio::join!(e.passivate(), e.ask(add(format!("r{round}"))));
+        stopped += u64::from(passivated.unwrap());
+        assert!(applied.unwrap().reply().is_some(), "round {round}");
+        // A passivation with nothing else queued always stops the actor.
+        assert!(
+            e.passivate().await.unwrap(),
+            "round {round}: a quiet actor must stop"
+        );
+        stopped += 1;
+    }
+    let snap = e.snapshot().unwrap();
+    assert_eq!(
+        snap.state.count, ROUNDS,
+        "each message applied exactly once"
+    );
+    // `passivate` answers when the shard has decided; the actor counts its stop a moment
+    // later, as it stops.
+    rt.wait_until(|s| s.live_entities == 0).await;
+    let stats = rt.stats();
+    assert_eq!(stats.passivations, stopped, "{stats:?}");
+    assert_eq!(
+        stats.activations,
+        stats.passivations + stats.live_entities,
+        "{stats:?}"
+    );
+    rt.shutdown().await;
+}
