@@ -91,6 +91,8 @@ mod runtime;
 mod store;
 mod supervisor;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 /// The README's code must compile: it is checked as a doctest.
 #[cfg(doctest)]

@@ -9,10 +9,7 @@
 mod common;
 
 use common::*;
-use keystead::{
-    Context, DecodeError, Entity, Failure, FailureKind, OpenError, OutcomeKind, SubmitError,
-};
-use serde::{Deserialize, Serialize};
+use keystead::{Context, DecodeError, Entity, OpenError, OutcomeKind, SubmitError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
@@ -121,14 +118,6 @@ async fn a_held_database_is_refused_with_a_clear_error() {
 }
 
 struct Unregistered;
-#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
-#[error("never")]
-struct Never;
-impl Failure for Never {
-    fn kind(&self) -> FailureKind {
-        FailureKind::Permanent
-    }
-}
 impl Entity for Unregistered {
     const NAME: &'static str = "unregistered";
     type State = u8;

@@ -7,6 +7,17 @@ use std::time::Duration;
 use keystead::{Context, Entity, Failure, FailureKind, RetryPolicy, Runtime, RuntimeBuilder};
 use serde::{Deserialize, Serialize};
 
+/// The error of entities that never fail.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[error("never fails")]
+pub struct Never;
+
+impl Failure for Never {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Permanent
+    }
+}
+
 /// A counter that also keeps the ids it applied, in order, so tests can check order and
 /// exactly-once from the state alone.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,324 @@
+//! The script: the messages the outside world sends in a scenario, and the entities they
+//! touch. The testkit decides when, how often and in which order they arrive.
+
+use std::any::Any;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::address::Snapshot;
+use crate::effects::{EffectInfo, EffectStatus};
+use crate::entity::Entity;
+use crate::error::{AdminError, SubmitError};
+use crate::outcome::Outcome;
+use crate::runtime::Runtime;
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What one delivery produced.
+pub(crate) struct Observed {
+    /// The outcome in words (the same words in every replay of a seed).
+    pub summary: String,
+    /// `Result<Outcome<..>, SubmitError>` for an ask, `Result<Accepted, SubmitError>` for a
+    /// tell.
+    pub value: Box<dyn Any + Send>,
+    /// An error the runtime must never give a well-formed script (anything but `Conflict`).
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Ask,
+    Tell,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Options {
+    pub id: Option<String>,
+    pub version: Option<u64>,
+    pub expected_revision: Option<u64>,
+}
+
+type SendFn = Arc<dyn Fn(&Runtime, &str, &Options) -> BoxFuture<Observed> + Send + Sync>;
+
+/// A scripted message.
+pub(crate) struct Planned {
+    pub label: Option<String>,
+    pub kind: Kind,
+    pub key: usize,
+    pub options: Options,
+    pub once: bool,
+    send: SendFn,
+}
+
+/// A snapshot in words (for the picture) and typed (for [`Run::state`](super::Run::state)).
+pub(crate) type Snapshotted = (String, Box<dyn Any + Send>);
+
+/// How to look at one entity (type and key) without knowing its type.
+pub(crate) struct Probe {
+    pub entity: &'static str,
+    pub key: String,
+    pub snapshot: fn(&Runtime, &str) -> Result<Snapshotted, SubmitError>,
+    pub passivate: fn(&Runtime, &str) -> BoxFuture<Result<bool, AdminError>>,
+    pub dead_letters: fn(&Runtime, &str) -> Result<Vec<String>, AdminError>,
+    pub effects: fn(&Runtime, &str) -> Result<Vec<EffectInfo>, AdminError>,
+}
+
+impl Probe {
+    pub(crate) fn name(&self) -> String {
+        format!("{}/{}", self.entity, self.key)
+    }
+}
+
+/// The messages of a scenario. Each is an event the outside world sends once in a calm run;
+/// under chaos it may arrive late, early, twice or three times.
+///
+/// A message without an [`id`](Message::id) gets a fresh generated id at every delivery,
+/// exactly like a caller that resends without an idempotency key, so a duplicate of it
+/// is a second, different message. That is usually the bug a chaos test is there to find.
+///
+/// ```
+/// # use keystead::{Context, Entity, Failure, FailureKind};
+/// # #[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+/// # #[error("never")] struct Never;
+/// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct Counter;
+/// # impl Entity for Counter {
+/// #     const NAME: &'static str = "counter"; type State = u64; type Command = u64;
+/// #     type Reply = u64; type Error = Never;
+/// #     fn handle(s: &mut u64, by: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += by; Ok(*s) }
+/// # }
+/// use keystead::testkit::Script;
+/// fn script(s: &mut Script) {
+///     s.ask::<Counter>("c-1", 5).id("add-5");           // an idempotent request
+///     s.tell::<Counter>("c-1", 7).id("add-7").version(3); // a versioned event
+/// }
+/// ```
+#[derive(Default)]
+pub struct Script {
+    pub(crate) messages: Vec<Planned>,
+    pub(crate) probes: Vec<Probe>,
+}
+
+impl fmt::Debug for Script {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Script")
+            .field("messages", &self.messages.len())
+            .field("entities", &self.probes.len())
+            .finish()
+    }
+}
+
+impl Script {
+    /// Adds an `ask` of `command` to entity `key` of type `E`. Its outcomes are in
+    /// [`Run::outcomes`](super::Run::outcomes).
+    pub fn ask<E: Entity>(&mut self, key: impl Into<String>, command: E::Command) -> Message<'_>
+    where
+        E::Command: Clone,
+        E::State: fmt::Debug,
+    {
+        let command = Mutex::new(command);
+        let send: SendFn = Arc::new(move |rt, key, options| {
+            let mut ask = rt.entity::<E>(key).ask(command.lock().clone());
+            if let Some(id) = &options.id {
+                ask = ask.id(id.clone());
+            }
+            if let Some(version) = options.version {
+                ask = ask.version(version);
+            }
+            if let Some(revision) = options.expected_revision {
+                ask = ask.expect_revision(revision);
+            }
+            let future = ask.into_future();
+            Box::pin(async move { observe_ask::<E>(future.await) })
+        });
+        self.push::<E>(key.into(), Kind::Ask, send)
+    }
+
+    /// Adds a `tell` of `command` to entity `key` of type `E`: accepted into the durable
+    /// inbox, processed later. Check its effect on the final state.
+    pub fn tell<E: Entity>(&mut self, key: impl Into<String>, command: E::Command) -> Message<'_>
+    where
+        E::Command: Clone,
+        E::State: fmt::Debug,
+    {
+        let command = Mutex::new(command);
+        let send: SendFn = Arc::new(move |rt, key, options| {
+            let mut tell = rt.entity::<E>(key).tell(command.lock().clone());
+            if let Some(id) = &options.id {
+                tell = tell.id(id.clone());
+            }
+            if let Some(version) = options.version {
+                tell = tell.version(version);
+            }
+            let future = tell.into_future();
+            Box::pin(async move {
+                let result = future.await;
+                let (summary, problem) = match &result {
+                    Ok(_) => ("accepted".to_string(), None),
+                    Err(e) => (format!("error: {e}"), Some(e.to_string())),
+                };
+                Observed {
+                    summary,
+                    value: Box::new(result),
+                    problem,
+                }
+            })
+        });
+        self.push::<E>(key.into(), Kind::Tell, send)
+    }
+
+    fn push<E: Entity>(&mut self, key: String, kind: Kind, send: SendFn) -> Message<'_>
+    where
+        E::State: fmt::Debug,
+    {
+        let index = match self
+            .probes
+            .iter()
+            .position(|p| p.entity == E::NAME && p.key == key)
+        {
+            Some(index) => index,
+            None => {
+                self.probes.push(Probe {
+                    entity: E::NAME,
+                    key,
+                    snapshot: snapshot_of::<E>,
+                    passivate: passivate_of::<E>,
+                    dead_letters: dead_letters_of::<E>,
+                    effects: effects_of::<E>,
+                });
+                self.probes.len() - 1
+            }
+        };
+        self.messages.push(Planned {
+            label: None,
+            kind,
+            key: index,
+            options: Options::default(),
+            once: false,
+            send,
+        });
+        let planned = self
+            .messages
+            .last_mut()
+            .expect("a message was pushed just above");
+        Message { planned }
+    }
+
+    /// The label of message `index`: its own, else its id, else `#index`.
+    pub(crate) fn label(&self, index: usize) -> String {
+        let m = &self.messages[index];
+        m.label
+            .clone()
+            .or_else(|| m.options.id.clone())
+            .unwrap_or_else(|| format!("#{index}"))
+    }
+
+    pub(crate) fn send(&self, index: usize, rt: &Runtime) -> BoxFuture<Observed> {
+        let m = &self.messages[index];
+        (m.send)(rt, &self.probes[m.key].key, &m.options)
+    }
+}
+
+/// One scripted message, to refine with its id, version and so on. Returned by
+/// [`Script::ask`] and [`Script::tell`]; see [`Script`] for an example.
+pub struct Message<'a> {
+    planned: &'a mut Planned,
+}
+
+impl fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("kind", &self.planned.kind)
+            .field("options", &self.planned.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Message<'_> {
+    /// The message id (idempotency key), the same on every delivery. Default: none, so
+    /// every delivery gets a fresh generated id.
+    pub fn id(self, message_id: impl Into<String>) -> Self {
+        self.planned.options.id = Some(message_id.into());
+        self
+    }
+
+    /// The source version. Default: none (never stale).
+    pub fn version(self, version: u64) -> Self {
+        self.planned.options.version = Some(version);
+        self
+    }
+
+    /// For an `ask`: apply only at this revision, else `Conflict`. Ignored for a `tell`.
+    pub fn expect_revision(self, revision: u64) -> Self {
+        self.planned.options.expected_revision = Some(revision);
+        self
+    }
+
+    /// The name used in reports and in [`Run::outcomes`](super::Run::outcomes). Default:
+    /// the id, else `#<index in the script>`.
+    pub fn label(self, label: impl Into<String>) -> Self {
+        self.planned.label = Some(label.into());
+        self
+    }
+
+    /// Never duplicate this message (for a source that truly delivers once). It is still
+    /// reordered and may be cut off by a restart. Default: may be duplicated.
+    pub fn once(self) -> Self {
+        self.planned.once = true;
+        self
+    }
+}
+
+fn observe_ask<E: Entity>(result: Result<Outcome<E::Reply, E::Error>, SubmitError>) -> Observed {
+    let (summary, problem) = match &result {
+        Ok(outcome) => (format!("{outcome:?}"), None),
+        Err(SubmitError::Conflict {
+            expected, actual, ..
+        }) => (
+            format!("Conflict {{ expected: {expected}, actual: {actual} }}"),
+            None,
+        ),
+        Err(e) => (format!("error: {e}"), Some(e.to_string())),
+    };
+    Observed {
+        summary,
+        value: Box::new(result),
+        problem,
+    }
+}
+
+fn snapshot_of<E: Entity>(rt: &Runtime, key: &str) -> Result<Snapshotted, SubmitError>
+where
+    E::State: fmt::Debug,
+{
+    let snapshot: Snapshot<E::State> = rt.entity::<E>(key).snapshot()?;
+    let picture = format!("{:?} at version {:?}", snapshot.state, snapshot.version);
+    Ok((picture, Box::new(snapshot)))
+}
+
+fn passivate_of<E: Entity>(rt: &Runtime, key: &str) -> BoxFuture<Result<bool, AdminError>> {
+    let entity = rt.entity::<E>(key);
+    Box::pin(async move { entity.passivate().await })
+}
+
+fn dead_letters_of<E: Entity>(rt: &Runtime, key: &str) -> Result<Vec<String>, AdminError> {
+    Ok(rt
+        .dead_letters::<E>()?
+        .into_iter()
+        .filter(|letter| letter.key == key)
+        .map(|letter| letter.error)
+        .collect())
+}
+
+fn effects_of<E: Entity>(rt: &Runtime, key: &str) -> Result<Vec<EffectInfo>, AdminError> {
+    rt.effects_of::<E>(key)
+}
+
+/// True for an effect that has not finished after the runtime went idle.
+pub(crate) fn unfinished(info: &EffectInfo) -> bool {
+    matches!(info.status, EffectStatus::Pending | EffectStatus::Running)
+}

@@ -1,0 +1,565 @@
+//! Goal: every race from the seed documents, replayed under the chaos testkit over 200
+//! seeds each, ends the same way it ends under calm delivery.
+//!
+//! Method: one small domain (orders, a customer profile, a subscription, accounts billed
+//! by a cron job) written the way keystead recommends: idempotency ids on requests,
+//! versions on events, `expect_revision` on edits, effects through the outbox, and an
+//! entity that accepts its events in either order. Each test scripts one race and lets
+//! `keystead::testkit::Chaos` duplicate, reorder, passivate, restart and fail effects;
+//! the testkit compares every seed with the calm run, and the checks below state the
+//! business outcome. The reports prove each fault actually happened.
+
+mod common;
+
+use common::Never;
+use keystead::testkit::{Chaos, Report, Run};
+use keystead::{
+    Context, Effect, EffectContext, Entity, Failure, FailureKind, Outcome, Recorded, SubmitError,
+};
+use serde::{Deserialize, Serialize};
+
+const SEEDS: u64 = 200;
+
+// ---- The domain -------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+enum OrderError {
+    #[error("the order is already paid")]
+    AlreadyPaid,
+}
+
+impl Failure for OrderError {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Permanent
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Order {
+    placed: bool,
+    total_cents: u64,
+    paid_cents: u64,
+    provider_ref: Option<String>,
+    /// A payment webhook that arrived before the order was placed.
+    early_payment: Option<(u64, String)>,
+    confirmed: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum OrderCmd {
+    /// The checkout creates the order (the record a webhook may overtake).
+    Place { total_cents: u64 },
+    /// The customer clicks "Pay".
+    Pay { cents: u64 },
+    /// Feedback from the payment provider's executor.
+    Captured { provider_ref: String },
+    /// The provider's webhook.
+    WebhookPaid { cents: u64, provider_ref: String },
+}
+
+/// Charges the card; the provider honours the effect key as its idempotency key.
+#[derive(Debug, Serialize, Deserialize)]
+struct Charge {
+    cents: u64,
+}
+
+impl Effect for Charge {
+    const NAME: &'static str = "charge";
+    type Origin = OrderEntity;
+}
+
+/// Sends the order confirmation once the order is both placed and paid.
+#[derive(Debug, Serialize, Deserialize)]
+struct Confirmation {
+    total_cents: u64,
+}
+
+impl Effect for Confirmation {
+    const NAME: &'static str = "confirmation";
+    type Origin = OrderEntity;
+}
+
+struct OrderEntity;
+
+impl OrderEntity {
+    fn confirm_if_ready(order: &mut Order, ctx: &mut Context<'_>) {
+        if order.placed && order.paid_cents > 0 && !order.confirmed {
+            order.confirmed = true;
+            ctx.effect(Confirmation {
+                total_cents: order.total_cents,
+            });
+        }
+    }
+}
+
+impl Entity for OrderEntity {
+    const NAME: &'static str = "order";
+    type State = Order;
+    type Command = OrderCmd;
+    type Reply = String;
+    type Error = OrderError;
+
+    fn handle(
+        order: &mut Order,
+        cmd: &OrderCmd,
+        ctx: &mut Context<'_>,
+    ) -> Result<String, OrderError> {
+        match cmd {
+            OrderCmd::Place { total_cents } => {
+                order.placed = true;
+                order.total_cents = *total_cents;
+                // The webhook overtook the record: apply it now.
+                if let Some((cents, provider_ref)) = order.early_payment.take() {
+                    order.paid_cents = cents;
+                    order.provider_ref = Some(provider_ref);
+                }
+                Self::confirm_if_ready(order, ctx);
+                Ok(format!("placed {}", ctx.key()))
+            }
+            OrderCmd::Pay { cents } => {
+                if order.paid_cents > 0 {
+                    return Err(OrderError::AlreadyPaid);
+                }
+                order.paid_cents = *cents;
+                ctx.effect(Charge { cents: *cents });
+                Ok(format!("receipt for {} ({} cents)", ctx.key(), cents))
+            }
+            OrderCmd::Captured { provider_ref } => {
+                order.provider_ref = Some(provider_ref.clone());
+                Ok("captured".into())
+            }
+            OrderCmd::WebhookPaid {
+                cents,
+                provider_ref,
+            } => {
+                if order.placed {
+                    order.paid_cents = *cents;
+                    order.provider_ref = Some(provider_ref.clone());
+                    Self::confirm_if_ready(order, ctx);
+                } else {
+                    order.early_payment = Some((*cents, provider_ref.clone()));
+                }
+                Ok("webhook recorded".into())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Profile {
+    email: String,
+    phone: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum ProfileCmd {
+    SetEmail(String),
+    SetPhone(String),
+}
+
+struct ProfileEntity;
+
+impl Entity for ProfileEntity {
+    const NAME: &'static str = "profile";
+    type State = Profile;
+    type Command = ProfileCmd;
+    type Reply = ();
+    type Error = Never;
+
+    fn handle(p: &mut Profile, cmd: &ProfileCmd, _: &mut Context<'_>) -> Result<(), Never> {
+        match cmd {
+            ProfileCmd::SetEmail(email) => p.email = email.clone(),
+            ProfileCmd::SetPhone(phone) => p.phone = phone.clone(),
+        }
+        Ok(())
+    }
+}
+
+/// The billing provider's subscription object; every event carries all of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Subscription {
+    status: String,
+    plan: String,
+    paid_until_day: u32,
+}
+
+struct SubscriptionEntity;
+
+impl Entity for SubscriptionEntity {
+    const NAME: &'static str = "subscription";
+    type State = Subscription;
+    type Command = Subscription;
+    type Reply = ();
+    type Error = Never;
+
+    fn handle(
+        s: &mut Subscription,
+        event: &Subscription,
+        _: &mut Context<'_>,
+    ) -> Result<(), Never> {
+        // Versions (the provider's sequence) make a late event stale before it gets here.
+        *s = event.clone();
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Account {
+    renewed_periods: Vec<String>,
+    billed_cents: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Renew {
+    period: String,
+    cents: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RenewalCharge {
+    period: String,
+    cents: u64,
+}
+
+impl Effect for RenewalCharge {
+    const NAME: &'static str = "renewal-charge";
+    const INDEPENDENT: bool = true;
+    type Origin = AccountEntity;
+}
+
+struct AccountEntity;
+
+impl Entity for AccountEntity {
+    const NAME: &'static str = "account";
+    type State = Account;
+    type Command = Renew;
+    type Reply = u64;
+    type Error = Never;
+
+    fn handle(a: &mut Account, r: &Renew, ctx: &mut Context<'_>) -> Result<u64, Never> {
+        a.renewed_periods.push(r.period.clone());
+        a.billed_cents += r.cents;
+        ctx.effect(RenewalCharge {
+            period: r.period.clone(),
+            cents: r.cents,
+        });
+        Ok(a.billed_cents)
+    }
+}
+
+/// Every entity and a ledger executor for every effect.
+fn chaos() -> Chaos {
+    Chaos::new(|builder, ledger| {
+        builder
+            .register::<OrderEntity>()
+            .register::<ProfileEntity>()
+            .register::<SubscriptionEntity>()
+            .register::<AccountEntity>()
+            .executor(ledger.executor_with(|_: &Charge, ctx: &EffectContext| {
+                Some(OrderCmd::Captured {
+                    provider_ref: format!("ch_{}", ctx.effect_key()),
+                })
+            }))
+            .executor(ledger.executor::<Confirmation>())
+            .executor(ledger.executor::<RenewalCharge>())
+    })
+    .seeds(SEEDS)
+}
+
+/// The faults a report must show to count as a chaos test at all.
+fn assert_exercised(report: &Report, effects: bool) {
+    // The figures quoted in docs/reliability.md (`cargo test --test chaos_seed_races --
+    // --nocapture`).
+    eprintln!("{}: {report}", std::thread::current().name().unwrap_or("?"));
+    if report.replayed_seed.is_some() {
+        return; // one seed replayed on its own (KEYSTEAD_CHAOS_SEED)
+    }
+    assert_eq!(report.seeds, SEEDS, "{report}");
+    assert!(
+        report.duplicates > SEEDS / 4,
+        "too few duplicates: {report}"
+    );
+    assert!(report.passivations > 0, "no passivation: {report}");
+    assert!(report.restarts > SEEDS / 5, "too few restarts: {report}");
+    if effects {
+        assert!(report.effect_faults > 0, "no effect fault: {report}");
+    }
+}
+
+type OrderOutcome = Result<Outcome<String, OrderError>, SubmitError>;
+
+/// The reply every delivery of an ask saw, whether it ran or was answered from dedup.
+fn reply_of(outcome: &OrderOutcome) -> Option<&String> {
+    match outcome {
+        Ok(Outcome::Applied { reply, .. }) => Some(reply),
+        Ok(Outcome::Duplicate {
+            first: Recorded::Applied { reply, .. },
+        }) => Some(reply),
+        _ => None,
+    }
+}
+
+fn order(run: &Run, key: &str) -> Result<Order, String> {
+    run.state::<OrderEntity>(key)
+        .map(|s| s.state.clone())
+        .ok_or_else(|| format!("no state for order {key}"))
+}
+
+// ---- The races --------------------------------------------------------------------------
+
+/// Seed text: the customer double-clicks "Pay". One charge, one receipt for both clicks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_clicked_pay_charges_once() {
+    let report = chaos()
+        .check(|run| {
+            let o = order(run, "o-1")?;
+            assert_eq!(o.paid_cents, 1999);
+            assert_eq!(
+                o.provider_ref.as_deref(),
+                Some("ch_order/o-1/pay-o-1/0"),
+                "the provider's reference came back through the outbox"
+            );
+            let charges: Vec<_> = run
+                .performed()
+                .iter()
+                .filter(|p| p.effect == "charge")
+                .collect();
+            assert_eq!(charges.len(), 1, "charged exactly once: {charges:?}");
+            for outcome in run.outcomes::<OrderEntity>("pay-o-1") {
+                assert_eq!(
+                    reply_of(outcome).map(String::as_str),
+                    Some("receipt for o-1 (1999 cents)"),
+                    "every click sees the first receipt: {outcome:?}"
+                );
+            }
+            Ok(())
+        })
+        .run(|s| {
+            s.ask::<OrderEntity>("o-1", OrderCmd::Pay { cents: 1999 })
+                .id("pay-o-1");
+        })
+        .await;
+    assert_exercised(&report, true);
+}
+
+/// Seed text: a request timed out after it had succeeded and the client retried it (the
+/// app retries with the same id; the provider call times out after charging, and the
+/// outbox retries with the same effect key). Still one charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_a_successful_timeout_changes_nothing() {
+    let report = chaos()
+        .check(|run| {
+            let o = order(run, "o-2")?;
+            if o.paid_cents != 2500 {
+                return Err(format!("paid {} cents", o.paid_cents));
+            }
+            let charges = run
+                .performed()
+                .iter()
+                .filter(|p| p.effect == "charge")
+                .count();
+            if charges != 1 {
+                return Err(format!("{charges} charges performed"));
+            }
+            let replies: Vec<Option<&String>> = ["first try", "retry"]
+                .iter()
+                .flat_map(|label| run.outcomes::<OrderEntity>(label))
+                .map(reply_of)
+                .collect();
+            if replies
+                .iter()
+                .any(|r| r.map(String::as_str) != Some("receipt for o-2 (2500 cents)"))
+            {
+                return Err(format!("a caller saw another reply: {replies:?}"));
+            }
+            Ok(())
+        })
+        .run(|s| {
+            s.ask::<OrderEntity>("o-2", OrderCmd::Pay { cents: 2500 })
+                .id("pay-o-2")
+                .label("first try");
+            s.ask::<OrderEntity>("o-2", OrderCmd::Pay { cents: 2500 })
+                .id("pay-o-2")
+                .label("retry");
+        })
+        .await;
+    assert_exercised(&report, true);
+    assert!(
+        report.replayed_seed.is_some() || report.effect_calls > report.seeds,
+        "the provider saw repeated calls (timeouts after success) yet charged once: {report}"
+    );
+}
+
+/// Seed text: two tabs open the same profile and both save. Whoever comes first wins; the
+/// other gets `Conflict` and nothing is silently overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tabs_one_wins_the_other_gets_conflict() {
+    let report = chaos()
+        .order_dependent()
+        .check(|run| {
+            let snap = run
+                .state::<ProfileEntity>("c-1")
+                .ok_or("no profile state")?;
+            if snap.revision != 1 {
+                return Err(format!(
+                    "{} saves applied, expected exactly 1",
+                    snap.revision
+                ));
+            }
+            let applied = |label: &str| {
+                run.outcomes::<ProfileEntity>(label).iter().all(|o| {
+                    matches!(
+                        o,
+                        Ok(Outcome::Applied { .. })
+                            | Ok(Outcome::Duplicate {
+                                first: Recorded::Applied { .. }
+                            })
+                    )
+                })
+            };
+            let conflicted = |label: &str| {
+                run.outcomes::<ProfileEntity>(label).iter().all(|o| {
+                    matches!(
+                        o,
+                        Err(SubmitError::Conflict {
+                            expected: 0,
+                            actual: 1,
+                            ..
+                        })
+                    )
+                })
+            };
+            let p = &snap.state;
+            let a_won = p.email == "a@example.com" && p.phone.is_empty();
+            let b_won = p.phone == "+33 1 23" && p.email.is_empty();
+            match (a_won, b_won) {
+                (true, false) if applied("tab-a") && conflicted("tab-b") => Ok(()),
+                (false, true) if applied("tab-b") && conflicted("tab-a") => Ok(()),
+                _ => Err(format!(
+                    "not exactly one winner: {p:?}, tab A {:?}, tab B {:?}",
+                    run.outcomes::<ProfileEntity>("tab-a"),
+                    run.outcomes::<ProfileEntity>("tab-b")
+                )),
+            }
+        })
+        .run(|s| {
+            s.ask::<ProfileEntity>("c-1", ProfileCmd::SetEmail("a@example.com".into()))
+                .id("tab-a")
+                .expect_revision(0);
+            s.ask::<ProfileEntity>("c-1", ProfileCmd::SetPhone("+33 1 23".into()))
+                .id("tab-b")
+                .expect_revision(0);
+        })
+        .await;
+    assert_exercised(&report, false);
+}
+
+/// Seed text: "renew" (sequence 2) arrives after "cancel" (sequence 3). The subscription
+/// stays cancelled; the late event is dropped as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_renew_after_cancel_stays_cancelled() {
+    let event = |status: &str, paid_until_day: u32| Subscription {
+        status: status.into(),
+        plan: "pro".into(),
+        paid_until_day,
+    };
+    let report = chaos()
+        .check(|run| {
+            let snap = run
+                .state::<SubscriptionEntity>("sub-1")
+                .ok_or("no subscription state")?;
+            assert_eq!(snap.state.status, "cancelled");
+            assert_eq!(snap.version, Some(3));
+            Ok(())
+        })
+        .run(|s| {
+            s.tell::<SubscriptionEntity>("sub-1", event("active", 30))
+                .id("evt-1")
+                .version(1);
+            s.tell::<SubscriptionEntity>("sub-1", event("active", 60))
+                .id("evt-2-renew")
+                .version(2);
+            s.tell::<SubscriptionEntity>("sub-1", event("cancelled", 60))
+                .id("evt-3-cancel")
+                .version(3);
+        })
+        .await;
+    assert_exercised(&report, false);
+}
+
+/// Seed text: the payment webhook arrives before the order it pays for exists. The order
+/// keeps the early payment and applies it when placed: paid and confirmed once, in either
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_before_its_record_is_applied_once_placed() {
+    let report = chaos()
+        .check(|run| {
+            let o = order(run, "o-3")?;
+            assert!(o.placed && o.confirmed, "{o:?}");
+            assert_eq!((o.total_cents, o.paid_cents), (4200, 4200));
+            assert_eq!(o.provider_ref.as_deref(), Some("pi_77"));
+            assert_eq!(o.early_payment, None, "the early payment was applied");
+            let mails = run
+                .performed()
+                .iter()
+                .filter(|p| p.effect == "confirmation")
+                .count();
+            assert_eq!(mails, 1, "one confirmation");
+            Ok(())
+        })
+        .run(|s| {
+            s.tell::<OrderEntity>("o-3", OrderCmd::Place { total_cents: 4200 })
+                .id("checkout-o-3");
+            s.tell::<OrderEntity>(
+                "o-3",
+                OrderCmd::WebhookPaid {
+                    cents: 4200,
+                    provider_ref: "pi_77".into(),
+                },
+            )
+            .id("evt_pi_77_succeeded");
+        })
+        .await;
+    assert_exercised(&report, true);
+}
+
+/// Seed text: the nightly renewal cron overran and the next run started while the first
+/// was still going. Both runs send the same per-account, per-period message ids: every
+/// account is renewed and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_cron_runs_bill_each_account_once() {
+    const ACCOUNTS: usize = 4;
+    let report = chaos()
+        .check(|run| {
+            for a in 0..ACCOUNTS {
+                let key = format!("acct-{a}");
+                let snap = run
+                    .state::<AccountEntity>(&key)
+                    .ok_or_else(|| format!("no state for {key}"))?;
+                assert_eq!(snap.state.renewed_periods, ["2026-11"], "{key}");
+                assert_eq!(snap.state.billed_cents, 900, "{key}");
+            }
+            let charges = run
+                .performed()
+                .iter()
+                .filter(|p| p.effect == "renewal-charge")
+                .count();
+            assert_eq!(charges, ACCOUNTS, "one charge per account");
+            Ok(())
+        })
+        .run(|s| {
+            for cron_run in ["run-1", "run-2"] {
+                for a in 0..ACCOUNTS {
+                    let renew = Renew {
+                        period: "2026-11".into(),
+                        cents: 900,
+                    };
+                    s.tell::<AccountEntity>(format!("acct-{a}"), renew)
+                        .id(format!("renew:2026-11:acct-{a}"))
+                        .label(format!("{cron_run}/acct-{a}"));
+                }
+            }
+        })
+        .await;
+    assert_exercised(&report, true);
+}
