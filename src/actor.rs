@@ -76,7 +76,10 @@ impl<E: Entity> Message for Forward<E> {
 /// Sent by the shard once it has forgotten this actor: no more jobs will arrive.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Stop;
+pub(crate) struct Stop {
+    /// Told `true` once the actor has stopped (for `EntityRef::passivate`).
+    pub done: Option<oneshot::Sender<Result<bool, AdminError>>>,
+}
 
 /// One message on its way through the attempts.
 struct Work<E: Entity> {
@@ -107,6 +110,8 @@ pub(crate) struct EntityActor<E: Entity> {
     /// Jobs received from the shard; compared with the shard's count before passivation.
     received: u64,
     idle_timer: Option<SpawnHandle>,
+    /// Who asked for this passivation, told once the actor has stopped.
+    stopped_reply: Option<oneshot::Sender<Result<bool, AdminError>>>,
 }
 
 impl<E: Entity> EntityActor<E> {
@@ -129,6 +134,7 @@ impl<E: Entity> EntityActor<E> {
             stopping: false,
             received: 0,
             idle_timer: None,
+            stopped_reply: None,
         }
     }
 
@@ -784,6 +790,9 @@ impl<E: Entity> Actor for EntityActor<E> {
             Stats::bump(&self.shared.stats.passivations);
         }
         self.shared.stats.notify();
+        if let Some(done) = self.stopped_reply.take() {
+            let _ = done.send(Ok(true));
+        }
     }
 }
 
@@ -800,8 +809,9 @@ impl<E: Entity> Handler<Forward<E>> for EntityActor<E> {
 impl<E: Entity> Handler<Stop> for EntityActor<E> {
     type Result = ();
 
-    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+    fn handle(&mut self, stop: Stop, ctx: &mut Context<Self>) {
         self.stopping = true;
+        self.stopped_reply = stop.done;
         self.pump(ctx);
     }
 }

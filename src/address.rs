@@ -321,8 +321,8 @@ impl<E: Entity> EntityRef<E> {
     /// Stops this entity's actor once the jobs before this call are done, as the runtime
     /// does by itself after [`RuntimeBuilder::passivate_after`](crate::RuntimeBuilder::passivate_after).
     /// The state stays on disk and the next message activates a fresh actor that reloads it.
-    /// Returns `true` if the actor stopped, `false` if more work had already arrived for it
-    /// (it then stays active). Tests use it to restart an actor between two messages.
+    /// Returns `true` once the actor has stopped, `false` if more work had already arrived
+    /// for it (it then stays active). Tests use it to restart an actor between two messages.
     ///
     /// ```
     /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};

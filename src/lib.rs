@@ -79,6 +79,7 @@ mod apply;
 mod clock;
 mod codec;
 mod dead_letter;
+mod durability;
 mod effects;
 mod entity;
 mod error;
@@ -103,6 +104,7 @@ pub use address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::FORMAT_VERSION;
 pub use dead_letter::DeadLetter;
+pub use durability::Durability;
 pub use effects::{
     AsyncExecutor, Effect, EffectContext, EffectError, EffectInfo, EffectKey, EffectStatus,
     Executor, Feedback,

@@ -19,6 +19,7 @@ use crate::address::EntityRef;
 use crate::clock::{Clock, SystemClock};
 use crate::codec;
 use crate::dead_letter::DeadLetter;
+use crate::durability::Durability;
 use crate::effects::{self, AsyncExecutor, Effect, EffectInfo, EffectKey, Effects, Executor};
 use crate::entity::Entity;
 use crate::error::{AdminError, OpenError, StoreError, SubmitError};
@@ -251,6 +252,7 @@ pub struct RuntimeBuilder {
     clock: Arc<dyn Clock>,
     cache_bytes: u64,
     batch_messages_max: usize,
+    durability: Durability,
     registry: HashMap<&'static str, Registration>,
     registry_error: Option<OpenError>,
     executors: HashMap<&'static str, effects::Registered>,
@@ -288,6 +290,7 @@ impl RuntimeBuilder {
             clock: Arc::new(SystemClock),
             cache_bytes: 64 << 20,
             batch_messages_max: 1024,
+            durability: Durability::Sync,
             registry: HashMap::new(),
             registry_error: None,
             executors: HashMap::new(),
@@ -424,6 +427,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// When writes are acknowledged: after their flush ([`Durability::Sync`], the default)
+    /// or once applied, with a bounded loss window ([`Durability::Relaxed`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
     /// sled's page cache size in bytes. Default: 64 MiB.
     pub fn cache_bytes(mut self, bytes: u64) -> Self {
         self.cache_bytes = bytes;
@@ -474,6 +484,14 @@ impl RuntimeBuilder {
         if self.cache_bytes < 1 << 20 {
             return invalid("cache_bytes", "must be at least 1 MiB");
         }
+        if let Some(every) = self.durability.flush_every() {
+            if every < Duration::from_millis(1) || every > Duration::from_secs(60) {
+                return invalid(
+                    "durability",
+                    "Relaxed flush_every must be between 1 ms and 60 s (it is the loss window)",
+                );
+            }
+        }
         if let Err(reason) = self.config.retry.validate() {
             return invalid("retry", &reason);
         }
@@ -519,6 +537,7 @@ impl RuntimeBuilder {
             cache_bytes: self.cache_bytes,
             batch_messages_max: self.batch_messages_max,
             queue_max: total_in_flight + 1024,
+            durability: self.durability,
         })?;
         let scan = scan_inbox(&store).map_err(|source| OpenError::Store {
             path: self.path.clone(),

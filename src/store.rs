@@ -16,6 +16,7 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
+use crate::durability::Durability;
 use crate::error::{OpenError, StoreError};
 use crate::keys;
 
@@ -54,6 +55,7 @@ pub(crate) struct StoreConfig {
     pub cache_bytes: u64,
     pub batch_messages_max: usize,
     pub queue_max: usize,
+    pub durability: Durability,
 }
 
 /// The open database and its committer.
@@ -63,7 +65,8 @@ pub(crate) struct Store {
     /// closed runtime's directory can be opened again at once.
     db: RwLock<Option<sled::Db>>,
     commits: Mutex<Option<Sender<Commit>>>,
-    committer: Mutex<Option<thread::JoinHandle<()>>>,
+    /// The committer and the flusher threads.
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
     /// The first commit failure, once there has been one. From then on nothing is written
     /// or flushed (see `StoreError::Poisoned`).
     poisoned: Arc<Mutex<Option<String>>>,
@@ -149,19 +152,30 @@ impl Store {
         Self::check_layout(&db, &path)?;
 
         let (tx, rx) = bounded::<Commit>(config.queue_max);
-        let committer_db = db.clone();
-        let batch_max = config.batch_messages_max;
         let poisoned = Arc::new(Mutex::new(None));
-        let committer_poisoned = poisoned.clone();
-        let committer = thread::Builder::new()
-            .name("keystead-committer".into())
-            .spawn(move || run_committer(&committer_db, &rx, batch_max, &committer_poisoned))
-            .map_err(|e| OpenError::Threads(e.to_string()))?;
+        let (flush_tx, flush_rx) = bounded::<Applied>(FLUSH_QUEUE_MAX);
+        let flusher = {
+            let (db, poisoned, durability) = (db.clone(), poisoned.clone(), config.durability);
+            thread::Builder::new()
+                .name("keystead-flusher".into())
+                .spawn(move || run_flusher(&db, &flush_rx, durability, &poisoned))
+                .map_err(|e| OpenError::Threads(e.to_string()))?
+        };
+        let committer = {
+            let (db, poisoned) = (db.clone(), poisoned.clone());
+            let (batch_max, durability) = (config.batch_messages_max, config.durability);
+            thread::Builder::new()
+                .name("keystead-committer".into())
+                .spawn(move || {
+                    run_committer(&db, &rx, &flush_tx, batch_max, durability, &poisoned);
+                })
+                .map_err(|e| OpenError::Threads(e.to_string()))?
+        };
         Ok(Arc::new(Store {
             path: path.clone(),
             db: RwLock::new(Some(db)),
             commits: Mutex::new(Some(tx)),
-            committer: Mutex::new(Some(committer)),
+            threads: Mutex::new(vec![committer, flusher]),
             poisoned,
         }))
     }
@@ -303,9 +317,11 @@ impl Store {
     /// and releases the database. Later calls on this store fail with `StoreError::Closed`.
     pub(crate) fn close(&self) {
         drop(self.commits.lock().take());
-        if let Some(handle) = self.committer.lock().take() {
+        // The committer exits once its queue is drained, which closes the flusher's queue;
+        // the flusher then flushes what is left and exits.
+        for handle in std::mem::take(&mut *self.threads.lock()) {
             if handle.join().is_err() {
-                tracing::error!(target: "keystead", "the committer thread panicked");
+                tracing::error!(target: "keystead", "a storage thread panicked");
             }
         }
         let db = self.db.write().take();
@@ -358,10 +374,41 @@ impl Drop for Store {
     }
 }
 
+/// How many applied batches may wait for the flusher before the committer waits too.
+const FLUSH_QUEUE_MAX: usize = 64;
+
+/// A batch that is applied and waits for a flush (its waiters are empty in relaxed mode,
+/// where they were released at once).
+struct Applied {
+    waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+fn release(waiters: Vec<oneshot::Sender<Result<(), StoreError>>>, result: &Result<(), StoreError>) {
+    for done in waiters {
+        // A caller that went away (its runtime dropped) no longer needs the answer.
+        let _ = done.send(match result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(e.duplicate()),
+        });
+    }
+}
+
+fn poison(poisoned: &Mutex<Option<String>>, error: &StoreError) {
+    tracing::error!(target: "keystead", %error, "commit failed; the store stops writing until reopened");
+    let mut first = poisoned.lock();
+    if first.is_none() {
+        *first = Some(error.to_string());
+    }
+}
+
+/// Applies queued commits in batches, one `apply_batch` each, and hands every applied batch
+/// to the flusher, so the next batch is applied while the previous one is being flushed.
 fn run_committer(
     db: &sled::Db,
     rx: &Receiver<Commit>,
+    flusher: &Sender<Applied>,
     batch_max: usize,
+    durability: Durability,
     poisoned: &Mutex<Option<String>>,
 ) {
     let high_water_key = keys::meta(SEQ_HIGH_WATER);
@@ -398,27 +445,83 @@ fn run_committer(
         if batch_seq > high_water {
             batch.insert(high_water_key.clone(), &batch_seq.to_be_bytes());
         }
-        let result = db
-            .apply_batch(batch)
-            .map_err(|e| StoreError::from_sled("commit", e))
-            .and_then(|()| {
-                db.flush()
-                    .map(|_| ())
-                    .map_err(|e| StoreError::from_sled("flush", e))
-            });
-        if result.is_ok() {
-            high_water = high_water.max(batch_seq);
+        if let Err(e) = db.apply_batch(batch) {
+            let error = StoreError::from_sled("commit", e);
+            poison(poisoned, &error);
+            release(waiters, &Err(error));
+            continue;
         }
-        if let Err(e) = &result {
-            tracing::error!(target: "keystead", error = %e, "commit failed; the store stops writing until reopened");
-            *poisoned.lock() = Some(e.to_string());
+        high_water = high_water.max(batch_seq);
+        let waiters = match durability {
+            Durability::Sync => waiters,
+            Durability::Relaxed { .. } => {
+                release(waiters, &Ok(()));
+                Vec::new()
+            }
+        };
+        // A full flusher queue makes the committer wait: that is the backpressure that
+        // keeps applied-but-unflushed work bounded.
+        if let Err(unsent) = flusher.send(Applied { waiters }) {
+            release(unsent.into_inner().waiters, &Err(StoreError::Closed));
         }
-        for done in waiters {
-            // A caller that went away (its runtime dropped) no longer needs the answer.
-            let _ = done.send(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.duplicate()),
-            });
+    }
+}
+
+/// Flushes applied batches. In [`Durability::Sync`] mode it takes every batch applied so
+/// far, flushes once, and only then releases their callers; in relaxed mode it flushes at
+/// most every `flush_every`, and at close.
+fn run_flusher(
+    db: &sled::Db,
+    rx: &Receiver<Applied>,
+    durability: Durability,
+    poisoned: &Mutex<Option<String>>,
+) {
+    let flush = || -> Result<(), StoreError> {
+        if let Some(first_error) = poisoned.lock().clone() {
+            return Err(StoreError::Poisoned { first_error });
+        }
+        db.flush().map(|_| ()).map_err(|e| {
+            let error = StoreError::from_sled("flush", e);
+            poison(poisoned, &error);
+            error
+        })
+    };
+    match durability.flush_every() {
+        None => {
+            while let Ok(first) = rx.recv() {
+                // Every batch taken here was applied before this flush starts, so the
+                // flush covers all of them.
+                let mut waiters = first.waiters;
+                while let Ok(more) = rx.try_recv() {
+                    waiters.extend(more.waiters);
+                }
+                release(waiters, &flush());
+            }
+        }
+        Some(every) => {
+            let mut dirty = false;
+            let mut last_flush = Instant::now();
+            loop {
+                let wait = every.saturating_sub(last_flush.elapsed());
+                match rx.recv_timeout(wait) {
+                    Ok(applied) => {
+                        dirty = true;
+                        release(applied.waiters, &Ok(()));
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        if dirty {
+                            let _ = flush();
+                        }
+                        return;
+                    }
+                }
+                if dirty && last_flush.elapsed() >= every {
+                    let _ = flush();
+                    dirty = false;
+                    last_flush = Instant::now();
+                }
+            }
         }
     }
 }

@@ -39,7 +39,8 @@ pub(crate) struct Idle {
     pub entity: &'static str,
     pub key: String,
     pub received: u64,
-    /// Told whether the actor was stopped, for [`EntityRef::passivate`](crate::EntityRef::passivate).
+    /// For [`EntityRef::passivate`](crate::EntityRef::passivate): told `false` if the actor
+    /// stays, or `true` by the actor once it has stopped.
     pub done: Option<oneshot::Sender<Result<bool, AdminError>>>,
 }
 
@@ -49,7 +50,7 @@ struct Slot {
     /// How many jobs this shard forwarded to the actor.
     forwarded: u64,
     /// Sends `Stop` to the actor, without knowing its type.
-    stop: fn(&dyn Any),
+    stop: fn(&dyn Any, Option<StopReply>),
 }
 
 /// The supervisor of one shard.
@@ -71,10 +72,13 @@ impl Shard {
     }
 }
 
-fn stop_actor<E: Entity>(addr: &dyn Any) {
+type StopReply = oneshot::Sender<Result<bool, AdminError>>;
+
+fn stop_actor<E: Entity>(addr: &dyn Any, done: Option<StopReply>) {
     if let Some(addr) = addr.downcast_ref::<Addr<EntityActor<E>>>() {
-        // A closed mailbox means the actor is already gone, which is what we want.
-        let _ = addr.try_send(Stop);
+        // A closed mailbox means the actor is already gone, which is what we want (and a
+        // dropped `done` tells its caller the runtime is stopping).
+        let _ = addr.try_send(Stop { done });
     }
 }
 
@@ -135,13 +139,17 @@ impl Handler<Idle> for Shard {
             .entities
             .get(&id)
             .is_some_and(|slot| slot.forwarded == msg.received);
-        if quiet {
-            if let Some(slot) = self.entities.remove(&id) {
-                (slot.stop)(slot.addr.as_ref());
+        match (quiet, msg.done) {
+            (true, done) => {
+                if let Some(slot) = self.entities.remove(&id) {
+                    // The actor answers `done` once it has stopped.
+                    (slot.stop)(slot.addr.as_ref(), done);
+                }
             }
-        }
-        if let Some(done) = msg.done {
-            let _ = done.send(Ok(quiet));
+            (false, Some(done)) => {
+                let _ = done.send(Ok(false));
+            }
+            (false, None) => {}
         }
     }
 }
