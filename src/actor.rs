@@ -47,6 +47,8 @@ pub(crate) enum Job<E: Entity> {
         meta: Meta,
         command: E::Command,
         expected_revision: Option<u64>,
+        /// The runtime generated the message id just now: no dedup record can exist for it.
+        fresh_id: bool,
         reply: AskReply<E>,
         ticket: Ticket,
     },
@@ -86,6 +88,8 @@ struct Work<E: Entity> {
     meta: Meta,
     command: E::Command,
     expected_revision: Option<u64>,
+    /// See `Job::Ask::fresh_id`: the dedup read is skipped.
+    fresh_id: bool,
     source: Source,
     attempt: u32,
     reply: Option<AskReply<E>>,
@@ -238,6 +242,7 @@ impl<E: Entity> EntityActor<E> {
                 meta,
                 command,
                 expected_revision,
+                fresh_id,
                 reply,
                 ticket,
             } => {
@@ -246,6 +251,7 @@ impl<E: Entity> EntityActor<E> {
                     meta,
                     command,
                     expected_revision,
+                    fresh_id,
                     source: Source {
                         inbox_key: None,
                         command_bytes: None,
@@ -355,6 +361,7 @@ impl<E: Entity> EntityActor<E> {
             meta: record.meta,
             command,
             expected_revision: None,
+            fresh_id: false,
             source: Source {
                 inbox_key: Some(inbox_key),
                 command_bytes: Some(record.command),
@@ -454,9 +461,15 @@ impl<E: Entity> EntityActor<E> {
             Ok(current) => current,
             Err(e) => return self.fail(work, e),
         };
-        let dedup = match self.dedup_lookup(&work.meta.message_id) {
-            Ok(dedup) => dedup,
-            Err(e) => return self.fail(work, e),
+        // An id the runtime generated for this ask has never been seen (ids.rs), so there is
+        // nothing to look up; every other message is checked against the dedup store.
+        let dedup = if work.fresh_id {
+            None
+        } else {
+            match self.dedup_lookup(&work.meta.message_id) {
+                Ok(dedup) => dedup,
+                Err(e) => return self.fail(work, e),
+            }
         };
         let attempts_max = self.shared.config.retry.get_attempts_max();
         let verdict = {

@@ -446,6 +446,7 @@ impl<E: Entity> IntoFuture for Ask<E> {
         Box::pin(async move {
             let inner = self.target.runtime()?;
             let key = self.target.key;
+            let fresh_id = self.options.message_id.is_none();
             let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
             let closed = || SubmitError::Closed {
                 entity: E::NAME,
@@ -459,6 +460,7 @@ impl<E: Entity> IntoFuture for Ask<E> {
                 meta,
                 command: self.command,
                 expected_revision: self.expected_revision,
+                fresh_id,
                 reply,
                 ticket,
             };

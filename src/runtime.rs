@@ -910,7 +910,12 @@ impl Runtime {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> RuntimeStats {
-        self.inner.shared.stats.snapshot()
+        let mut stats = self.inner.shared.stats.snapshot();
+        let store = &self.inner.store.counters;
+        stats.commits = store.commits.load(Ordering::Relaxed);
+        stats.commit_batches = store.batches.load(Ordering::Relaxed);
+        stats.flushes = store.flushes.load(Ordering::Relaxed);
+        stats
     }
 
     /// Waits until `condition` holds for the counters. Woken on every finished message and

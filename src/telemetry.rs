@@ -85,6 +85,20 @@ pub struct RuntimeStats {
     pub effects_dead_lettered: u64,
     /// Effect retries scheduled.
     pub effect_retries: u64,
+    /// Write requests committed (one per message step, acceptance or admin action).
+    pub commits: u64,
+    /// Atomic batches applied: many commits each under load (group commit).
+    pub commit_batches: u64,
+    /// Flushes to disk: one per batch or fewer (a flush covers every batch applied before it).
+    pub flushes: u64,
+}
+
+/// The store's counters (written by the committer and flusher threads).
+#[derive(Debug, Default)]
+pub(crate) struct StoreCounters {
+    pub commits: AtomicU64,
+    pub batches: AtomicU64,
+    pub flushes: AtomicU64,
 }
 
 /// Live counters shared by every part of the runtime.
@@ -156,6 +170,9 @@ impl Stats {
             effects_failed: get(&self.effects_failed),
             effects_dead_lettered: get(&self.effects_dead_lettered),
             effect_retries: get(&self.effect_retries),
+            commits: 0,
+            commit_batches: 0,
+            flushes: 0,
         }
     }
 

@@ -1,0 +1,812 @@
+//! keystead side by side with the naive approach and with the limits of its parts, in one
+//! run, on the same records (200-byte state, 16-byte keys). Prints one table and writes an
+//! SVG plot (throughput vs keys, latency vs load).
+//!
+//! ```text
+//! cargo run --release --example bench                                # about 4 minutes
+//! cargo run --release --example bench -- --svg docs/performance.svg  # where the plot goes
+//! cargo run --release --example bench -- --quick                     # shorter windows
+//! ```
+//!
+//! Every scenario runs in a child process of its own (this binary, `--scenario <name>`), so
+//! its peak RSS (VmHWM) is its own. Unless a row says otherwise: 64 concurrent senders,
+//! 10,000 keys chosen at random, every message a new id, latency measured by the sender.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use keystead::{Durability, Runtime};
+use serde::{Deserialize, Serialize};
+
+#[path = "support/item.rs"]
+mod item;
+use item::Item;
+
+const SENDERS: usize = 64;
+const KEYS: u64 = 10_000;
+const RELAXED: Durability = Durability::Relaxed {
+    flush_every: Duration::from_millis(10),
+};
+
+type Error = Box<dyn std::error::Error>;
+
+// ---- Measurements -----------------------------------------------------------------------
+
+/// What one scenario measured (printed by the child as `name=value` lines).
+#[derive(Debug, Default, Clone)]
+struct Measured {
+    messages: u64,
+    secs: f64,
+    p50_us: u64,
+    p99_us: u64,
+    peak_rss_kib: u64,
+    /// keystead only: write requests per atomic batch, and per flush.
+    per_batch: f64,
+    per_flush: f64,
+}
+
+impl Measured {
+    fn new(messages: u64, secs: f64, latencies: Vec<u32>) -> Self {
+        let (p50_us, p99_us) = percentiles(latencies);
+        Self {
+            messages,
+            secs,
+            p50_us,
+            p99_us,
+            peak_rss_kib: 0,
+            per_batch: 0.0,
+            per_flush: 0.0,
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs.max(1e-9)
+    }
+
+    fn print(&self) {
+        println!("messages={}", self.messages);
+        println!("secs={}", self.secs);
+        println!("p50_us={}", self.p50_us);
+        println!("p99_us={}", self.p99_us);
+        println!("peak_rss_kib={}", status_kib("VmHWM:"));
+        println!("per_batch={}", self.per_batch);
+        println!("per_flush={}", self.per_flush);
+    }
+
+    fn parse(out: &str) -> Self {
+        let get = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+                .unwrap_or("0")
+                .trim()
+                .to_string()
+        };
+        Self {
+            messages: get("messages").parse().unwrap_or(0),
+            secs: get("secs").parse().unwrap_or(0.0),
+            p50_us: get("p50_us").parse().unwrap_or(0),
+            p99_us: get("p99_us").parse().unwrap_or(0),
+            peak_rss_kib: get("peak_rss_kib").parse().unwrap_or(0),
+            per_batch: get("per_batch").parse().unwrap_or(0.0),
+            per_flush: get("per_flush").parse().unwrap_or(0.0),
+        }
+    }
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentiles(mut latencies: Vec<u32>) -> (u64, u64) {
+    if latencies.is_empty() {
+        return (0, 0);
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| u64::from(latencies[((latencies.len() - 1) as f64 * q) as usize]);
+    (at(0.50), at(0.99))
+}
+
+fn micros(since: Instant) -> u32 {
+    u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Per-sender key choice (xorshift64), the same in every scenario.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn key_name(k: u64) -> String {
+    format!("item-{k:011}") // 16 bytes
+}
+
+// ---- keystead ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Ask,
+    Tell,
+}
+
+fn open(durability: Durability, idle: Duration) -> Result<(tempfile::TempDir, Runtime), Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let mut builder = Runtime::builder(dir.path())
+        .register::<Item>()
+        .durability(durability)
+        .passivate_after(idle);
+    // For tuning experiments: the number of shards (default: one per core).
+    if let Some(shards) = std::env::var("KEYSTEAD_BENCH_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        builder = builder.shards(shards);
+    }
+    let rt = builder.open()?;
+    Ok((dir, rt))
+}
+
+/// 64 senders, each choosing keys at random among `keys`, for `secs`. `rate` (messages/s
+/// over all senders) paces them; `None` sends as fast as replies come. A tell counts once
+/// processed, so the clock stops when the inbox is drained.
+async fn drive(
+    durability: Durability,
+    kind: Kind,
+    keys: u64,
+    secs: f64,
+    rate: Option<f64>,
+) -> Result<Measured, Error> {
+    let idle = Duration::from_secs(if keys > 100_000 { 1 } else { 60 });
+    let (_dir, rt) = open(durability, idle)?;
+    let rt = Arc::new(rt);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (rt, stop, sent) = (rt.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (s as u64 + 1);
+                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut pace = rate.map(|r| {
+                    let period = Duration::from_secs_f64(SENDERS as f64 / r);
+                    let mut i = tokio::time::interval(period);
+                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    i
+                });
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(pace) = pace.as_mut() {
+                        pace.tick().await;
+                    }
+                    let e = rt.entity::<Item>(key_name(next(&mut seed) % keys));
+                    let t = Instant::now();
+                    match kind {
+                        Kind::Ask => drop(e.ask(1).await.expect("ask")),
+                        Kind::Tell => drop(e.tell(1).await.expect("tell")),
+                    }
+                    latencies.push(micros(t));
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies
+            })
+        })
+        .collect();
+    // The measuring window (this is a benchmark, not a test: a timed window is the point).
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    rt.idle().await;
+    let mut measured = Measured::new(
+        sent.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        all,
+    );
+    let stats = rt.stats();
+    measured.per_batch = stats.commits as f64 / stats.commit_batches.max(1) as f64;
+    measured.per_flush = stats.commits as f64 / stats.flushes.max(1) as f64;
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown().await;
+    }
+    Ok(measured)
+}
+
+/// 1,000,000 keys, each asked once, 1 s idle timeout: the rate and the peak RSS.
+async fn million() -> Result<Measured, Error> {
+    const N: u64 = 1_000_000;
+    let (_dir, rt) = open(Durability::Sync, Duration::from_secs(1))?;
+    let rt = Arc::new(rt);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..SENDERS as u64)
+        .map(|s| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity((N / SENDERS as u64) as usize + 1);
+                for k in (s..N).step_by(SENDERS) {
+                    let t = Instant::now();
+                    rt.entity::<Item>(key_name(k)).ask(1).await.expect("ask");
+                    latencies.push(micros(t));
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let measured = Measured::new(N, started.elapsed().as_secs_f64(), all);
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown().await;
+    }
+    Ok(measured)
+}
+
+// ---- The naive approach -----------------------------------------------------------------
+
+/// The state as the naive app stores it: the same 200 bytes and counter as `Item`.
+#[derive(Serialize, Deserialize, Default)]
+struct NaiveState {
+    bytes: Vec<u8>,
+    touched: u64,
+}
+
+/// What a typical app writes: one global mutex around "read the state, modify it, write
+/// state and dedup record in one transaction, flush", on 64 threads.
+fn naive(secs: f64) -> Result<Measured, Error> {
+    use sled::Transactional;
+    let dir = tempfile::tempdir_in(".")?;
+    let db = sled::open(dir.path())?;
+    let (state, dedup) = (db.open_tree("state")?, db.open_tree("dedup")?);
+    let lock = Arc::new(parking_lot::Mutex::new(()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (db, state, dedup) = (db.clone(), state.clone(), dedup.clone());
+            let (lock, stop, ids) = (lock.clone(), stop.clone(), ids.clone());
+            std::thread::spawn(move || {
+                let config = bincode::config::standard();
+                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (s as u64 + 1);
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let key = key_name(next(&mut seed) % KEYS);
+                    let id = format!("msg-{:016}", ids.fetch_add(1, Ordering::Relaxed));
+                    let t = Instant::now();
+                    {
+                        let _global = lock.lock();
+                        let mut current: NaiveState = match state.get(&key).expect("get") {
+                            Some(v) => {
+                                bincode::serde::decode_from_slice(&v, config)
+                                    .expect("decode")
+                                    .0
+                            }
+                            None => NaiveState {
+                                bytes: vec![0; 200],
+                                touched: 0,
+                            },
+                        };
+                        current.bytes[0] = 1;
+                        current.touched += 1;
+                        let bytes =
+                            bincode::serde::encode_to_vec(&current, config).expect("encode");
+                        let dedup_key = format!("{key}/{id}");
+                        (&state, &dedup)
+                            .transaction(|(st, dd)| {
+                                st.insert(key.as_bytes(), bytes.as_slice())?;
+                                dd.insert(dedup_key.as_bytes(), &b"applied"[..])?;
+                                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                            })
+                            .expect("transaction");
+                        db.flush().expect("flush");
+                    }
+                    latencies.push(micros(t));
+                }
+                latencies
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs)); // the measuring window
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(t.join().map_err(|_| "naive thread panicked")?);
+    }
+    Ok(Measured::new(
+        all.len() as u64,
+        started.elapsed().as_secs_f64(),
+        all,
+    ))
+}
+
+// ---- The storage limit ------------------------------------------------------------------
+
+/// Raw sled, the records keystead writes per message, `per_batch` messages per
+/// `apply_batch` and one flush per batch, on one thread. An ask writes state + dedup; a tell first writes its
+/// inbox entry (one batch), then state + dedup and the inbox removal (another).
+fn storage(secs: f64, kind: Kind, per_batch: usize) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(64 << 20)
+        .flush_every_ms(None)
+        .open()?;
+    let state_value = vec![7u8; 216]; // format byte + revision + version + 200-byte state
+    let dedup_value = vec![1u8; 24];
+    let inbox_value = vec![2u8; 64];
+    let mut seed = 0x9E37_79B9_7F4A_7C15;
+    let mut messages = 0u64;
+    let mut batch_latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        let mut inbox = sled::Batch::default();
+        let mut apply = sled::Batch::default();
+        for _ in 0..per_batch {
+            let key = key_name(next(&mut seed) % KEYS);
+            messages += 1;
+            let inbox_key = format!("I{key}{messages:016}");
+            if kind == Kind::Tell {
+                inbox.insert(inbox_key.as_bytes(), inbox_value.as_slice());
+                apply.remove(inbox_key.as_bytes());
+            }
+            apply.insert(format!("S{key}").as_bytes(), state_value.as_slice());
+            apply.insert(
+                format!("D{key}msg-{messages:016}").as_bytes(),
+                dedup_value.as_slice(),
+            );
+        }
+        if kind == Kind::Tell {
+            db.apply_batch(inbox)?;
+            db.flush()?;
+        }
+        db.apply_batch(apply)?;
+        db.flush()?;
+        batch_latencies.push(micros(t));
+    }
+    let mut m = Measured::new(messages, started.elapsed().as_secs_f64(), batch_latencies);
+    // Latencies here are per batch of 1,000; not comparable with per-message ones.
+    m.p50_us = 0;
+    m.p99_us = 0;
+    Ok(m)
+}
+
+// ---- The in-memory limit ----------------------------------------------------------------
+
+struct Counter(u64);
+
+impl Actor for Counter {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "u64")]
+struct Bump;
+
+impl Handler<Bump> for Counter {
+    type Result = u64;
+    fn handle(&mut self, _: Bump, _: &mut Context<Self>) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+/// Raw actix: 10,000 actors on 2 Arbiters, 64 senders doing `send().await` round trips.
+fn actix_limit(secs: f64) -> Result<Measured, Error> {
+    let system = System::new();
+    system.block_on(async move {
+        let arbiters: Vec<Arbiter> = (0..2).map(|_| Arbiter::new()).collect();
+        let addrs: Arc<Vec<Addr<Counter>>> = Arc::new(
+            (0..KEYS as usize)
+                .map(|i| Counter::start_in_arbiter(&arbiters[i % 2].handle(), |_| Counter(0)))
+                .collect(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..SENDERS)
+            .map(|s| {
+                let (addrs, stop) = (addrs.clone(), stop.clone());
+                actix::spawn(async move {
+                    let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (s as u64 + 1);
+                    let mut latencies = Vec::with_capacity(1 << 20);
+                    while !stop.load(Ordering::Relaxed) {
+                        let addr = &addrs[(next(&mut seed) % KEYS) as usize];
+                        let t = Instant::now();
+                        addr.send(Bump).await.expect("send");
+                        latencies.push(micros(t));
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await; // the measuring window
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.map_err(|e| e.to_string())?);
+        }
+        for a in arbiters {
+            a.stop();
+        }
+        Ok(Measured::new(
+            all.len() as u64,
+            started.elapsed().as_secs_f64(),
+            all,
+        ))
+    })
+}
+
+// ---- The parent: run every scenario, print the table, draw the plot ---------------------
+
+fn child(args: &[String]) -> Result<(), Error> {
+    let name = args[0].as_str();
+    let secs: f64 = args[1].parse()?;
+    let param: f64 = args.get(2).map_or(Ok(0.0), |p| p.parse())?;
+    let tokio = tokio::runtime::Runtime::new()?;
+    let measured = match name {
+        "ask" => tokio.block_on(drive(Durability::Sync, Kind::Ask, KEYS, secs, None))?,
+        "tell" => tokio.block_on(drive(Durability::Sync, Kind::Tell, KEYS, secs, None))?,
+        "ask-relaxed" => tokio.block_on(drive(RELAXED, Kind::Ask, KEYS, secs, None))?,
+        "tell-relaxed" => tokio.block_on(drive(RELAXED, Kind::Tell, KEYS, secs, None))?,
+        "ask-keys" => {
+            tokio.block_on(drive(Durability::Sync, Kind::Ask, param as u64, secs, None))?
+        }
+        "ask-load" => {
+            tokio.block_on(drive(Durability::Sync, Kind::Ask, KEYS, secs, Some(param)))?
+        }
+        "million" => tokio.block_on(million())?,
+        "naive" => naive(secs)?,
+        "storage-ask" => storage(secs, Kind::Ask, 1000)?,
+        "storage-tell" => storage(secs, Kind::Tell, 1000)?,
+        "storage-ask-64" => storage(secs, Kind::Ask, SENDERS)?,
+        "actix" => actix_limit(secs)?,
+        other => return Err(format!("unknown scenario {other}").into()),
+    };
+    measured.print();
+    Ok(())
+}
+
+fn run(name: &str, secs: f64, param: f64) -> Result<Measured, Error> {
+    eprintln!("  running {name} {param}...");
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--scenario", name, &secs.to_string(), &param.to_string()])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "scenario {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(Measured::parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn ms(us: u64) -> String {
+    if us == 0 {
+        "-".into()
+    } else {
+        format!("{:.2} ms", us as f64 / 1000.0)
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores ({model})")
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--scenario") {
+        return child(&args[1..]);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let svg = args
+        .iter()
+        .position(|a| a == "--svg")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "target/keystead-bench.svg".into());
+    let window = if quick { 3.0 } else { 8.0 };
+    let short = if quick { 2.0 } else { 5.0 };
+
+    eprintln!("keystead bench: {} s per main scenario", window);
+    let ask = run("ask", window, 0.0)?;
+    let tell = run("tell", window, 0.0)?;
+    let ask_relaxed = run("ask-relaxed", window, 0.0)?;
+    let tell_relaxed = run("tell-relaxed", window, 0.0)?;
+    let naive = run("naive", window, 0.0)?;
+    let storage_ask = run("storage-ask", short, 0.0)?;
+    let storage_tell = run("storage-tell", short, 0.0)?;
+    let storage_64 = run("storage-ask-64", short, 0.0)?;
+    let actix = run("actix", short, 0.0)?;
+    let mut by_keys = Vec::new();
+    for keys in [1u64, 100, 10_000, 1_000_000] {
+        by_keys.push((keys, run("ask-keys", short, keys as f64)?));
+    }
+    let mut by_load = Vec::new();
+    for fraction in [0.1, 0.25, 0.5, 0.75, 0.9] {
+        let offered = ask.rate() * fraction;
+        by_load.push((fraction, offered, run("ask-load", short, offered)?));
+    }
+    let million = run("million", 0.0, 0.0)?;
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "keystead bench: {}, release build; 200-byte state, 16-byte keys, {SENDERS} senders, {KEYS} keys unless noted",
+        machine()
+    );
+    let _ = writeln!(
+        out,
+        "{:<64} {:>10} {:>10} {:>10} {:>9} {:>13}",
+        "scenario", "msgs/s", "p50", "p99", "peak RSS", "writes/flush"
+    );
+    let _ = writeln!(out, "{}", "-".repeat(121));
+    let rows: [(&str, &Measured); 9] = [
+        ("1. keystead ask, durable (Sync)", &ask),
+        ("2. keystead tell, durable (Sync), until processed", &tell),
+        ("3. keystead ask, relaxed (flush every 10 ms)", &ask_relaxed),
+        (
+            "3b. keystead tell, relaxed (flush every 10 ms)",
+            &tell_relaxed,
+        ),
+        (
+            "4. naive: global Mutex, read + sled transaction + flush",
+            &naive,
+        ),
+        (
+            "5. storage limit: raw apply_batch, 1,000 asks' records + flush",
+            &storage_ask,
+        ),
+        (
+            "5b. storage limit: the same for tells (inbox batch + apply batch)",
+            &storage_tell,
+        ),
+        (
+            "5c. storage, 64 asks' records per batch (64 senders' most)",
+            &storage_64,
+        ),
+        (
+            "6. in-memory limit: raw actix send().await, 10,000 actors",
+            &actix,
+        ),
+    ];
+    for (name, m) in rows {
+        let _ = writeln!(
+            out,
+            "{:<64} {:>10.0} {:>10} {:>10} {:>6} MiB {:>13}",
+            name,
+            m.rate(),
+            ms(m.p50_us),
+            ms(m.p99_us),
+            m.peak_rss_kib / 1024,
+            if m.per_flush > 0.0 {
+                format!("{:.1}", m.per_flush)
+            } else {
+                "-".into()
+            }
+        );
+    }
+    let _ = writeln!(out);
+    let ratio = |a: &Measured, b: &Measured| a.rate() / b.rate().max(1e-9);
+    let _ = writeln!(out, "ratios (targets in brackets)");
+    let _ = writeln!(
+        out,
+        "  keystead ask / naive              {:>6.2}  [>= 5]",
+        ratio(&ask, &naive)
+    );
+    let _ = writeln!(
+        out,
+        "  keystead ask / storage limit      {:>6.2}  [>= 0.5]",
+        ratio(&ask, &storage_ask)
+    );
+    let _ = writeln!(
+        out,
+        "  keystead tell / storage limit     {:>6.2}",
+        ratio(&tell, &storage_tell)
+    );
+    let _ = writeln!(
+        out,
+        "  keystead ask / in-memory limit    {:>6.3}",
+        ratio(&ask, &actix)
+    );
+    let _ = writeln!(
+        out,
+        "  relaxed ask                       {:>6.0} msgs/s  [>= 100,000]",
+        ask_relaxed.rate()
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(out, "durable ask throughput by distinct keys");
+    for (keys, m) in &by_keys {
+        let _ = writeln!(
+            out,
+            "  {:>9} keys {:>10.0} msgs/s   p50 {:>9}   p99 {:>9}   {:>5.1} us/msg of wall time",
+            keys,
+            m.rate(),
+            ms(m.p50_us),
+            ms(m.p99_us),
+            1e6 / m.rate().max(1e-9)
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "durable ask latency by offered load (max = row 1)");
+    for (fraction, offered, m) in &by_load {
+        let _ = writeln!(
+            out,
+            "  {:>3.0}% ({:>6.0} msgs/s offered) {:>8.0} done/s   p50 {:>9}   p99 {:>9}",
+            fraction * 100.0,
+            offered,
+            m.rate(),
+            ms(m.p50_us),
+            ms(m.p99_us)
+        );
+    }
+    let _ = writeln!(out);
+    let ten_k = by_keys
+        .iter()
+        .find(|(k, _)| *k == 10_000)
+        .map(|(_, m)| m.rate());
+    let _ = writeln!(
+        out,
+        "1,000,000 keys asked once each (1 s idle timeout): {:.0} msgs/s, peak RSS {} MiB [< 512], cost per message {:.2}x the 10,000-key run [<= 2]",
+        million.rate(),
+        million.peak_rss_kib / 1024,
+        ten_k.map_or(0.0, |r| r / million.rate().max(1e-9))
+    );
+    print!("{out}");
+    if let Err(e) = std::fs::write(&svg, plot(&by_keys, &by_load)) {
+        eprintln!("could not write the plot to {svg}: {e}");
+    } else {
+        println!("plot: {svg}");
+    }
+    Ok(())
+}
+
+/// Two panels: throughput by distinct keys (log scale), and p50/p99 latency by offered load.
+fn plot(by_keys: &[(u64, Measured)], by_load: &[(f64, f64, Measured)]) -> String {
+    let (w, h, pad) = (420.0, 300.0, 50.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+        2.0 * w,
+        h
+    );
+    let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    // Panel 1: throughput vs keys.
+    let max_rate = by_keys.iter().map(|(_, m)| m.rate()).fold(1.0, f64::max) * 1.1;
+    let x_of = |i: usize| pad + i as f64 * (w - 2.0 * pad) / (by_keys.len().max(2) - 1) as f64;
+    let y_of = |r: f64| h - pad - r / max_rate * (h - 2.0 * pad);
+    axes(
+        &mut svg,
+        0.0,
+        w,
+        h,
+        pad,
+        "distinct keys",
+        "durable asks/s",
+        max_rate,
+        "",
+    );
+    let points: Vec<String> = by_keys
+        .iter()
+        .enumerate()
+        .map(|(i, (_, m))| format!("{:.1},{:.1}", x_of(i), y_of(m.rate())))
+        .collect();
+    let _ = write!(
+        svg,
+        r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{}"/>"#,
+        points.join(" ")
+    );
+    for (i, (keys, m)) in by_keys.iter().enumerate() {
+        let _ = write!(
+            svg,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="steelblue"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{:.1}" y="{:.1}" text-anchor="middle">{:.0}</text>"#,
+            x_of(i),
+            y_of(m.rate()),
+            x_of(i),
+            h - pad + 15.0,
+            keys,
+            x_of(i),
+            y_of(m.rate()) - 8.0,
+            m.rate()
+        );
+    }
+    // Panel 2: latency vs offered load.
+    let max_load = by_load.iter().map(|(_, o, _)| *o).fold(1.0, f64::max) * 1.1;
+    let max_us = by_load
+        .iter()
+        .map(|(_, _, m)| m.p99_us as f64)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x2 = |o: f64| w + pad + o / max_load * (w - 2.0 * pad);
+    let y2 = |us: f64| h - pad - us / max_us * (h - 2.0 * pad);
+    axes(
+        &mut svg,
+        w,
+        w,
+        h,
+        pad,
+        "offered load (asks/s)",
+        "latency (ms)",
+        max_us / 1000.0,
+        "",
+    );
+    for (color, pick) in [("seagreen", 0), ("firebrick", 1)] {
+        let points: Vec<String> = by_load
+            .iter()
+            .map(|(_, o, m)| {
+                let us = if pick == 0 { m.p50_us } else { m.p99_us };
+                format!("{:.1},{:.1}", x2(*o), y2(us as f64))
+            })
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            points.join(" ")
+        );
+    }
+    for (_, o, _) in by_load {
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{:.0}</text>"#,
+            x2(*o),
+            h - pad + 15.0,
+            o
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" fill="seagreen">p50</text><text x="{:.1}" y="{:.1}" fill="firebrick">p99</text>"#,
+        w + pad + 10.0,
+        pad - 10.0,
+        w + pad + 50.0,
+        pad - 10.0
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[allow(clippy::too_many_arguments)]
+fn axes(
+    svg: &mut String,
+    left: f64,
+    w: f64,
+    h: f64,
+    pad: f64,
+    x_label: &str,
+    y_label: &str,
+    y_max: f64,
+    _unit: &str,
+) {
+    let _ = write!(
+        svg,
+        r#"<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{yt}" stroke="black"/><text x="{xm}" y="{yl}" text-anchor="middle">{x_label}</text><text x="{x0}" y="{ytl}" >{y_label} (max {y_max:.1})</text>"#,
+        x0 = left + pad,
+        y0 = h - pad,
+        x1 = left + w - pad,
+        yt = pad,
+        xm = left + w / 2.0,
+        yl = h - 12.0,
+        ytl = pad - 25.0,
+    );
+}
