@@ -786,6 +786,7 @@ fn plot(by_keys: &[(u64, Measured)], by_load: &[(f64, f64, Measured)]) -> String
     svg
 }
 
+/// Draws the two axes of a panel, its labels, and y ticks at 0, half and `y_max`.
 #[allow(clippy::too_many_arguments)]
 fn axes(
     svg: &mut String,
@@ -798,15 +799,28 @@ fn axes(
     y_max: f64,
     _unit: &str,
 ) {
+    let (x0, y0, x1, yt) = (left + pad, h - pad, left + w - pad, pad);
     let _ = write!(
         svg,
-        r#"<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{yt}" stroke="black"/><text x="{xm}" y="{yl}" text-anchor="middle">{x_label}</text><text x="{x0}" y="{ytl}" >{y_label} (max {y_max:.1})</text>"#,
-        x0 = left + pad,
-        y0 = h - pad,
-        x1 = left + w - pad,
-        yt = pad,
+        r#"<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{yt}" stroke="black"/><text x="{xm}" y="{yl}" text-anchor="middle">{x_label}</text><text x="{x0}" y="{ytl}">{y_label}</text>"#,
         xm = left + w / 2.0,
         yl = h - 12.0,
         ytl = pad - 25.0,
     );
+    for fraction in [0.0, 0.5, 1.0] {
+        let y = y0 - fraction * (y0 - yt);
+        let value = y_max * fraction;
+        let text = if y_max >= 100.0 {
+            format!("{value:.0}")
+        } else {
+            format!("{value:.1}")
+        };
+        let _ = write!(
+            svg,
+            r#"<line x1="{}" y1="{y:.1}" x2="{x0}" y2="{y:.1}" stroke="black"/><text x="{}" y="{:.1}" text-anchor="end">{text}</text>"#,
+            x0 - 4.0,
+            x0 - 6.0,
+            y + 4.0
+        );
+    }
 }
