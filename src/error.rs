@@ -47,7 +47,7 @@ pub enum DecodeError {
     },
 }
 
-/// A failure of the store (sled) or of the commit path.
+/// A failure of the storage engine or of the commit path.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -106,20 +106,6 @@ impl StoreError {
             StoreError::Busy => StoreError::Busy,
             StoreError::Poisoned { first_error } => StoreError::Poisoned {
                 first_error: first_error.clone(),
-            },
-        }
-    }
-
-    pub(crate) fn from_sled(op: &'static str, e: sled::Error) -> Self {
-        match e {
-            sled::Error::Io(source) => StoreError::Io { op, source },
-            sled::Error::Corruption { at, .. } => StoreError::Corrupt {
-                op,
-                detail: format!("at {at:?}"),
-            },
-            other => StoreError::Io {
-                op,
-                source: io::Error::other(other.to_string()),
             },
         }
     }

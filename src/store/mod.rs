@@ -1,20 +1,25 @@
-//! The storage boundary: one sled database, one tree, and one committer thread that turns
-//! many callers' writes into one atomic, flushed `apply_batch` (group commit).
+//! The storage boundary. The runtime, the effects and the admin queries reach storage only
+//! through [`Store`]: point reads, ordered prefix scans, a compare-and-remove, and atomic
+//! writes of many records ([`Op`] lists) made durable by group commit. [`Engine`] is the
+//! few operations a storage engine must provide; `sled_engine` is the only module that
+//! names sled.
 //!
-//! Reads go straight to sled from the calling thread (they are served from sled's cache and
-//! never wait on the disk lock). Writes are [`Op`] lists handed to [`Store::commit`]; the
-//! committer applies every queued list in one batch, flushes, and only then completes each
-//! caller's future. A lone commit is applied at once; batches form only under load.
+//! Reads go straight to the engine from the calling thread. Writes are handed to
+//! [`Store::commit`]; one committer thread applies every queued list in one atomic batch,
+//! flushes, and only then completes each caller's future. A lone commit is applied at once;
+//! batches form only under load.
+
+mod sled_engine;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::durability::Durability;
@@ -22,8 +27,32 @@ use crate::error::{OpenError, StoreError};
 use crate::keys;
 use crate::telemetry::StoreCounters;
 
-/// The layout marker this release writes and reads.
-pub(crate) const LAYOUT: &str = "keystead-sled-1";
+use sled_engine::SledEngine;
+
+/// A lazily read run of records.
+pub(crate) type Scan = Box<dyn Iterator<Item = Result<Entry, StoreError>> + Send + 'static>;
+
+/// What the runtime needs from a storage engine, and no more. Keys are ordered bytes; the
+/// runtime's keyspaces (`keys.rs`) are prefixes of one ordered keyspace.
+pub(crate) trait Engine: Send + Sync + 'static {
+    /// The layout marker stored under the meta key `layout`: the engine and its format.
+    fn layout(&self) -> &'static str;
+    /// Reads one value.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// True if the engine holds anything at all (checked before the layout marker exists).
+    fn has_foreign_data(&self) -> bool;
+    /// Every record whose key starts with `prefix`, in key order, read lazily.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan, StoreError>;
+    /// Removes `key` only if it still holds `expected`; true when removed.
+    fn remove_if_unchanged(&self, key: &[u8], expected: &[u8]) -> Result<bool, StoreError>;
+    /// Writes every op atomically: after a crash, all of them or none.
+    fn apply(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Makes everything applied so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Releases the engine (later calls fail with `StoreError::Closed`). A `poisoned` engine
+    /// is neither flushed nor dropped (see `StoreError::Poisoned`).
+    fn close(&self, poisoned: bool);
+}
 
 /// The meta record holding the highest sequence ever committed. Inbox, outbox and effect
 /// history keys embed a sequence that must never be reused for the same entity (a reused
@@ -62,10 +91,8 @@ pub(crate) struct StoreConfig {
 
 /// The open database and its committer.
 pub(crate) struct Store {
-    path: PathBuf,
-    /// `None` once closed: dropping the last `Db` handle releases sled's file lock, so a
-    /// closed runtime's directory can be opened again at once.
-    db: RwLock<Option<sled::Db>>,
+    /// The engine, shared with the committer thread.
+    engine: Arc<dyn Engine>,
     commits: Mutex<Option<Sender<Commit>>>,
     /// The committer thread, and in relaxed mode the flusher thread.
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
@@ -81,40 +108,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Removes the `snap.*.generating` files a kill inside `sled::Db::open` can leave behind.
-/// sled would otherwise read such a half-written file as the newest snapshot and refuse to
-/// open ever again (upstream sled #1527); the log it was generated from is still intact.
-fn remove_partial_snapshots(path: &Path) -> Result<usize, OpenError> {
-    let entries = match fs::read_dir(path) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(source) => {
-            return Err(OpenError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let mut removed = 0;
-    for entry in entries {
-        let entry = entry.map_err(|source| OpenError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            fs::remove_file(entry.path()).map_err(|source| OpenError::Io {
-                path: entry.path(),
-                source,
-            })?;
-            tracing::warn!(file = %name, "removed a partial sled snapshot left by an interrupted open");
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
 impl Store {
     /// Opens (creating if needed) the database at `config.path` and starts the committer.
     ///
@@ -127,32 +120,8 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        remove_partial_snapshots(&path)?;
-        // No background flusher: the committer flushes after every batch, and sled's
-        // periodic flusher competes for sled's process-wide lock (after an I/O error it can
-        // wedge every sled database in the process).
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(config.cache_bytes)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    OpenError::Locked {
-                        path: path.clone(),
-                        detail: io.to_string(),
-                    }
-                }
-                sled::Error::Io(source) => OpenError::Io {
-                    path: path.clone(),
-                    source,
-                },
-                other => OpenError::Store {
-                    path: path.clone(),
-                    source: StoreError::from_sled("open", other),
-                },
-            })?;
-        Self::check_layout(&db, &path)?;
+        let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(&path, config.cache_bytes)?);
+        Self::check_layout(engine.as_ref(), &path)?;
 
         let (tx, rx) = bounded::<Commit>(config.queue_max);
         let poisoned = Arc::new(Mutex::new(None));
@@ -163,18 +132,20 @@ impl Store {
             None => None,
             Some(every) => {
                 let (dirty_tx, dirty_rx) = bounded::<Dirty>(1);
-                let (db, poisoned, counters) = (db.clone(), poisoned.clone(), counters.clone());
+                let (db, poisoned, counters) = (engine.clone(), poisoned.clone(), counters.clone());
                 threads.push(
                     thread::Builder::new()
                         .name("keystead-flusher".into())
-                        .spawn(move || run_flusher(&db, &dirty_rx, every, &poisoned, &counters))
+                        .spawn(move || {
+                            run_flusher(db.as_ref(), &dirty_rx, every, &poisoned, &counters);
+                        })
                         .map_err(|e| OpenError::Threads(e.to_string()))?,
                 );
                 Some(dirty_tx)
             }
         };
         let committer = {
-            let (db, poisoned, counters) = (db.clone(), poisoned.clone(), counters.clone());
+            let (db, poisoned, counters) = (engine.clone(), poisoned.clone(), counters.clone());
             let (batch_max, durability) = (config.batch_messages_max, config.durability);
             thread::Builder::new()
                 .name("keystead-committer".into())
@@ -184,7 +155,7 @@ impl Store {
                         poisoned: &poisoned,
                         counters: &counters,
                     };
-                    run_committer(&db, &rx, batch_max, durability, &sink);
+                    run_committer(db.as_ref(), &rx, batch_max, durability, &sink);
                 })
                 .map_err(|e| OpenError::Threads(e.to_string()))?
         };
@@ -192,8 +163,7 @@ impl Store {
         // channel) before the flusher is joined.
         threads.insert(0, committer);
         Ok(Arc::new(Store {
-            path: path.clone(),
-            db: RwLock::new(Some(db)),
+            engine,
             commits: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
             poisoned,
@@ -201,42 +171,34 @@ impl Store {
         }))
     }
 
-    fn check_layout(db: &sled::Db, path: &Path) -> Result<(), OpenError> {
+    fn check_layout(engine: &dyn Engine, path: &std::path::Path) -> Result<(), OpenError> {
         let store_err = |source| OpenError::Store {
             path: path.to_path_buf(),
             source,
         };
         let marker = keys::meta("layout");
-        match db
-            .get(&marker)
-            .map_err(|e| store_err(StoreError::from_sled("open", e)))?
-        {
-            Some(found) if found.as_ref() == LAYOUT.as_bytes() => Ok(()),
+        let expected = engine.layout();
+        match engine.get(&marker).map_err(store_err)? {
+            Some(found) if found == expected.as_bytes() => Ok(()),
             Some(found) => Err(OpenError::Layout {
                 path: path.to_path_buf(),
                 found: String::from_utf8_lossy(&found).into_owned(),
-                expected: LAYOUT.into(),
+                expected: expected.into(),
             }),
             None => {
-                let has_data = db.iter().next().is_some() || db.tree_names().len() > 1;
-                if has_data {
+                if engine.has_foreign_data() {
                     return Err(OpenError::Layout {
                         path: path.to_path_buf(),
                         found: "unmarked data".into(),
-                        expected: LAYOUT.into(),
+                        expected: expected.into(),
                     });
                 }
-                db.insert(&marker, LAYOUT.as_bytes())
-                    .map_err(|e| store_err(StoreError::from_sled("open", e)))?;
-                db.flush()
-                    .map_err(|e| store_err(StoreError::from_sled("open", e)))?;
-                Ok(())
+                engine
+                    .apply(vec![Op::Put(marker, expected.as_bytes().to_vec())])
+                    .map_err(store_err)?;
+                engine.flush().map_err(store_err)
             }
         }
-    }
-
-    fn db(&self) -> Result<sled::Db, StoreError> {
-        self.db.read().clone().ok_or(StoreError::Closed)
     }
 
     /// The highest sequence any committed batch used (0 for a new database).
@@ -249,30 +211,17 @@ impl Store {
 
     /// Reads one value.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db()?
-            .get(key)
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(|e| StoreError::from_sled("read", e))
+        self.engine.get(key)
     }
 
     /// The first record whose key starts with `prefix`, in key order.
     pub(crate) fn first_with_prefix(&self, prefix: &[u8]) -> Result<Option<Entry>, StoreError> {
-        match self.db()?.scan_prefix(prefix).next() {
-            None => Ok(None),
-            Some(Ok((k, v))) => Ok(Some((k.to_vec(), v.to_vec()))),
-            Some(Err(e)) => Err(StoreError::from_sled("scan", e)),
-        }
+        self.engine.scan_prefix(prefix)?.next().transpose()
     }
 
     /// Every record whose key starts with `prefix`, in key order. Reads lazily.
-    pub(crate) fn scan_prefix(
-        &self,
-        prefix: &[u8],
-    ) -> Result<impl Iterator<Item = Result<Entry, StoreError>>, StoreError> {
-        Ok(self.db()?.scan_prefix(prefix).map(|r| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(|e| StoreError::from_sled("scan", e))
-        }))
+    pub(crate) fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan, StoreError> {
+        self.engine.scan_prefix(prefix)
     }
 
     /// Removes `key` only if it still holds `expected`; true when removed. Used by the dedup
@@ -282,14 +231,7 @@ impl Store {
         key: &[u8],
         expected: &[u8],
     ) -> Result<bool, StoreError> {
-        match self
-            .db()?
-            .compare_and_swap(key, Some(expected), None as Option<&[u8]>)
-        {
-            Ok(Ok(())) => Ok(true),
-            Ok(Err(_)) => Ok(false),
-            Err(e) => Err(StoreError::from_sled("purge", e)),
-        }
+        self.engine.remove_if_unchanged(key, expected)
     }
 
     fn check_poisoned(&self) -> Result<(), StoreError> {
@@ -345,47 +287,12 @@ impl Store {
                 tracing::error!(target: "keystead", "a storage thread panicked");
             }
         }
-        let db = self.db.write().take();
-        if let Some(first_error) = self.poisoned.lock().as_ref() {
-            // sled 0.34 flushes when its last handle drops, and after some I/O errors (a full
-            // disk) that flush waits forever while holding sled's process-wide lock, which
-            // would stall every other sled database in the process. So a poisoned database is
-            // never dropped: its memory and file lock are released when the process exits.
+        let poisoned = self.poisoned.lock().clone();
+        if let Some(first_error) = &poisoned {
             tracing::error!(target: "keystead", %first_error,
                 "storage failed: the database stays locked until this process exits; fix the disk and restart the process");
-            std::mem::forget(db);
-            return;
         }
-        if let Some(db) = db {
-            if let Err(e) = db.flush() {
-                tracing::error!(target: "keystead", error = %e, "final flush failed");
-            }
-            drop(db);
-            wait_for_release(&self.path, Duration::from_secs(10));
-        }
-    }
-}
-
-/// Waits until sled's file lock on `path` is free, at most `deadline`.
-///
-/// sled releases its lock when the last handle to its file closes, and one of its I/O pool
-/// jobs can still hold that handle for a moment after the `Db` is dropped. Closing a runtime
-/// promises that its directory can be opened again at once, so closing waits on the lock
-/// itself (taking and releasing the same `flock` sled takes) rather than on a guessed delay.
-pub(crate) fn wait_for_release(path: &Path, deadline: Duration) -> bool {
-    let lock_file = path.join("db");
-    let started = Instant::now();
-    loop {
-        match fs::File::open(&lock_file).map(|f| f.try_lock()) {
-            // No file: nothing holds it. Lock taken: it was free (dropping `f` releases it).
-            Err(_) | Ok(Ok(())) => return true,
-            Ok(Err(_)) if started.elapsed() >= deadline => {
-                tracing::warn!(target: "keystead", path = %path.display(),
-                    "the database lock was not released in time; another process may hold it");
-                return false;
-            }
-            Ok(Err(_)) => thread::sleep(Duration::from_millis(1)),
-        }
+        self.engine.close(poisoned.is_some());
     }
 }
 
@@ -418,7 +325,7 @@ fn poison(poisoned: &Mutex<Option<String>>, error: &StoreError) {
 
 /// Makes everything applied so far durable, unless the store is poisoned.
 fn flush(
-    db: &sled::Db,
+    engine: &dyn Engine,
     poisoned: &Mutex<Option<String>>,
     counters: &StoreCounters,
 ) -> Result<(), StoreError> {
@@ -426,11 +333,7 @@ fn flush(
         return Err(StoreError::Poisoned { first_error });
     }
     counters.flushes.fetch_add(1, Ordering::Relaxed);
-    db.flush().map(|_| ()).map_err(|e| {
-        let error = StoreError::from_sled("flush", e);
-        poison(poisoned, &error);
-        error
-    })
+    engine.flush().inspect_err(|error| poison(poisoned, error))
 }
 
 /// Where the committer's results go.
@@ -450,7 +353,7 @@ struct Sink<'a> {
 /// 16,000 asks/s with 64 senders. The pipeline applied smaller batches (4 commits instead
 /// of 30) and paid a thread wake-up per batch. See `docs/performance.md`.
 fn run_committer(
-    db: &sled::Db,
+    engine: &dyn Engine,
     rx: &Receiver<Commit>,
     batch_max: usize,
     durability: Durability,
@@ -462,41 +365,38 @@ fn run_committer(
         counters,
     } = *sink;
     let high_water_key = keys::meta(SEQ_HIGH_WATER);
-    let mut high_water = db
+    let mut high_water = engine
         .get(&high_water_key)
         .ok()
         .flatten()
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
         .map_or(0, u64::from_be_bytes);
     while let Ok(first) = rx.recv() {
         if let Some(first_error) = poisoned.lock().clone() {
-            // Refuse without touching sled: after an I/O error it cannot be trusted to
-            // flush, and a stuck flush holds sled's process-wide lock.
+            // Refuse without touching the engine: after an I/O error sled cannot be trusted
+            // to flush, and a stuck flush holds sled's process-wide lock.
             let _ = first.done.send(Err(StoreError::Poisoned { first_error }));
             continue;
         }
         let mut waiters = Vec::with_capacity(batch_max.min(64));
-        let mut batch = sled::Batch::default();
+        let mut batch: Vec<Op> = Vec::new();
         let mut next = Some(first);
         let mut batch_seq = 0;
         while let Some(commit) = next.take() {
             batch_seq = batch_seq.max(commit.seq);
-            for op in commit.ops {
-                match op {
-                    Op::Put(k, v) => batch.insert(k, v),
-                    Op::Delete(k) => batch.remove(k),
-                }
-            }
+            batch.extend(commit.ops);
             waiters.push(commit.done);
             if waiters.len() < batch_max {
                 next = rx.try_recv().ok();
             }
         }
         if batch_seq > high_water {
-            batch.insert(high_water_key.clone(), &batch_seq.to_be_bytes());
+            batch.push(Op::Put(
+                high_water_key.clone(),
+                batch_seq.to_be_bytes().to_vec(),
+            ));
         }
-        if let Err(e) = db.apply_batch(batch) {
-            let error = StoreError::from_sled("commit", e);
+        if let Err(error) = engine.apply(batch) {
             poison(poisoned, &error);
             release(waiters, &Err(error));
             continue;
@@ -512,7 +412,7 @@ fn run_committer(
                 // A full channel means a wake-up is already pending; it covers this batch.
                 let _ = flusher.try_send(Dirty);
             }
-            _ => release(waiters, &flush(db, poisoned, counters)),
+            _ => release(waiters, &flush(engine, poisoned, counters)),
         }
     }
 }
@@ -520,7 +420,7 @@ fn run_committer(
 /// Relaxed mode: flushes at most every `every` while batches are being applied, and once
 /// more when the committer stops.
 fn run_flusher(
-    db: &sled::Db,
+    engine: &dyn Engine,
     rx: &Receiver<Dirty>,
     every: Duration,
     poisoned: &Mutex<Option<String>>,
@@ -534,13 +434,13 @@ fn run_flusher(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 if dirty {
-                    let _ = flush(db, poisoned, counters);
+                    let _ = flush(engine, poisoned, counters);
                 }
                 return;
             }
         }
         if dirty && last_flush.elapsed() >= every {
-            let _ = flush(db, poisoned, counters);
+            let _ = flush(engine, poisoned, counters);
             dirty = false;
             last_flush = Instant::now();
         }
