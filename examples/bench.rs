@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use keystead::{Durability, Runtime};
+use keystead::{Backend, Durability, Runtime};
 use serde::{Deserialize, Serialize};
 
 #[path = "support/item.rs"]
@@ -139,11 +139,16 @@ enum Kind {
     Tell,
 }
 
-fn open(durability: Durability, idle: Duration) -> Result<(tempfile::TempDir, Runtime), Error> {
+fn open(
+    durability: Durability,
+    idle: Duration,
+    backend: Backend,
+) -> Result<(tempfile::TempDir, Runtime), Error> {
     let dir = tempfile::tempdir_in(".")?;
     let mut builder = Runtime::builder(dir.path())
         .register::<Item>()
         .durability(durability)
+        .backend(backend)
         .passivate_after(idle);
     // For tuning experiments: the number of shards (default: one per core).
     if let Some(shards) = std::env::var("KEYSTEAD_BENCH_SHARDS")
@@ -160,6 +165,7 @@ fn open(durability: Durability, idle: Duration) -> Result<(tempfile::TempDir, Ru
 /// over all senders) paces them; `None` sends as fast as replies come. A tell counts once
 /// processed, so the clock stops when the inbox is drained.
 async fn drive(
+    backend: Backend,
     durability: Durability,
     kind: Kind,
     keys: u64,
@@ -167,7 +173,7 @@ async fn drive(
     rate: Option<f64>,
 ) -> Result<Measured, Error> {
     let idle = Duration::from_secs(if keys > 100_000 { 1 } else { 60 });
-    let (_dir, rt) = open(durability, idle)?;
+    let (_dir, rt) = open(durability, idle, backend)?;
     let rt = Arc::new(rt);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -226,7 +232,7 @@ async fn drive(
 /// 1,000,000 keys, each asked once, 1 s idle timeout: the rate and the peak RSS.
 async fn million() -> Result<Measured, Error> {
     const N: u64 = 1_000_000;
-    let (_dir, rt) = open(Durability::Sync, Duration::from_secs(1))?;
+    let (_dir, rt) = open(Durability::Sync, Duration::from_secs(1), Backend::Sled)?;
     let rt = Arc::new(rt);
     let started = Instant::now();
     let tasks: Vec<_> = (0..SENDERS as u64)
@@ -384,6 +390,42 @@ fn storage(secs: f64, kind: Kind, per_batch: usize) -> Result<Measured, Error> {
     Ok(m)
 }
 
+/// Raw fjall, the same records as `storage` for an ask, 1,000 messages per write batch and
+/// one `persist(SyncData)` per batch: fjall's own limit, for the fjall row.
+fn storage_fjall(secs: f64) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let db = fjall::Database::builder(dir.path())
+        .cache_size(64 << 20)
+        .manual_journal_persist(true)
+        .open()?;
+    let keyspace = db.keyspace("raw", fjall::KeyspaceCreateOptions::default)?;
+    let state_value = vec![7u8; 216];
+    let dedup_value = vec![1u8; 24];
+    let mut seed = 0x9E37_79B9_7F4A_7C15;
+    let mut messages = 0u64;
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < secs {
+        let mut batch = db.batch();
+        for _ in 0..1000 {
+            let key = key_name(next(&mut seed) % KEYS);
+            messages += 1;
+            batch.insert(&keyspace, format!("S{key}"), state_value.as_slice());
+            batch.insert(
+                &keyspace,
+                format!("D{key}msg-{messages:016}"),
+                dedup_value.as_slice(),
+            );
+        }
+        batch.commit()?;
+        db.persist(fjall::PersistMode::SyncData)?;
+    }
+    Ok(Measured::new(
+        messages,
+        started.elapsed().as_secs_f64(),
+        Vec::new(),
+    ))
+}
+
 // ---- The in-memory limit ----------------------------------------------------------------
 
 struct Counter(u64);
@@ -457,17 +499,54 @@ fn child(args: &[String]) -> Result<(), Error> {
     let param: f64 = args.get(2).map_or(Ok(0.0), |p| p.parse())?;
     let tokio = tokio::runtime::Runtime::new()?;
     let measured = match name {
-        "ask" => tokio.block_on(drive(Durability::Sync, Kind::Ask, KEYS, secs, None))?,
-        "tell" => tokio.block_on(drive(Durability::Sync, Kind::Tell, KEYS, secs, None))?,
-        "ask-relaxed" => tokio.block_on(drive(RELAXED, Kind::Ask, KEYS, secs, None))?,
-        "tell-relaxed" => tokio.block_on(drive(RELAXED, Kind::Tell, KEYS, secs, None))?,
-        "ask-keys" => {
-            tokio.block_on(drive(Durability::Sync, Kind::Ask, param as u64, secs, None))?
+        "ask" => tokio.block_on(drive(
+            Backend::Sled,
+            Durability::Sync,
+            Kind::Ask,
+            KEYS,
+            secs,
+            None,
+        ))?,
+        "tell" => tokio.block_on(drive(
+            Backend::Sled,
+            Durability::Sync,
+            Kind::Tell,
+            KEYS,
+            secs,
+            None,
+        ))?,
+        "ask-relaxed" => {
+            tokio.block_on(drive(Backend::Sled, RELAXED, Kind::Ask, KEYS, secs, None))?
         }
-        "ask-load" => {
-            tokio.block_on(drive(Durability::Sync, Kind::Ask, KEYS, secs, Some(param)))?
+        "tell-relaxed" => {
+            tokio.block_on(drive(Backend::Sled, RELAXED, Kind::Tell, KEYS, secs, None))?
         }
+        "ask-keys" => tokio.block_on(drive(
+            Backend::Sled,
+            Durability::Sync,
+            Kind::Ask,
+            param as u64,
+            secs,
+            None,
+        ))?,
+        "ask-load" => tokio.block_on(drive(
+            Backend::Sled,
+            Durability::Sync,
+            Kind::Ask,
+            KEYS,
+            secs,
+            Some(param),
+        ))?,
         "million" => tokio.block_on(million())?,
+        "ask-fjall" => tokio.block_on(drive(
+            Backend::Fjall,
+            Durability::Sync,
+            Kind::Ask,
+            KEYS,
+            secs,
+            None,
+        ))?,
+        "storage-fjall" => storage_fjall(secs)?,
         "naive" => naive(secs)?,
         "storage-ask" => storage(secs, Kind::Ask, 1000)?,
         "storage-tell" => storage(secs, Kind::Tell, 1000)?,
@@ -538,6 +617,8 @@ fn main() -> Result<(), Error> {
     let storage_tell = run("storage-tell", short, 0.0)?;
     let storage_64 = run("storage-ask-64", short, 0.0)?;
     let actix = run("actix", short, 0.0)?;
+    let ask_fjall = run("ask-fjall", window, 0.0)?;
+    let storage_fjall = run("storage-fjall", short, 0.0)?;
     let mut by_keys = Vec::new();
     for keys in [1u64, 100, 10_000, 1_000_000] {
         by_keys.push((keys, run("ask-keys", short, keys as f64)?));
@@ -561,7 +642,7 @@ fn main() -> Result<(), Error> {
         "scenario", "msgs/s", "p50", "p99", "peak RSS", "writes/flush"
     );
     let _ = writeln!(out, "{}", "-".repeat(121));
-    let rows: [(&str, &Measured); 9] = [
+    let rows: [(&str, &Measured); 11] = [
         ("1. keystead ask, durable (Sync)", &ask),
         ("2. keystead tell, durable (Sync), until processed", &tell),
         ("3. keystead ask, relaxed (flush every 10 ms)", &ask_relaxed),
@@ -588,6 +669,14 @@ fn main() -> Result<(), Error> {
         (
             "6. in-memory limit: raw actix send().await, 10,000 actors",
             &actix,
+        ),
+        (
+            "7. keystead ask, durable, on fjall (persist SyncData)",
+            &ask_fjall,
+        ),
+        (
+            "7b. fjall's storage limit: raw batch of 1,000 asks' records + persist",
+            &storage_fjall,
         ),
     ];
     for (name, m) in rows {
@@ -628,6 +717,12 @@ fn main() -> Result<(), Error> {
         out,
         "  keystead ask / in-memory limit    {:>6.3}",
         ratio(&ask, &actix)
+    );
+    let _ = writeln!(
+        out,
+        "  keystead ask on fjall / fjall limit {:>5.2}   (fjall ask / sled ask {:.2})",
+        ratio(&ask_fjall, &storage_fjall),
+        ratio(&ask_fjall, &ask)
     );
     let _ = writeln!(
         out,

@@ -4,7 +4,7 @@
 //! twice, or had its effect performed twice.
 //!
 //! ```text
-//! cargo run --release --example crash_torture -- --kills 1000 [--seed N] [--dir PATH] [--max-life-ms 400]
+//! cargo run --release --example crash_torture -- --kills 1000 [--backend sled|fjall] [--seed N] [--dir PATH] [--max-life-ms 400]
 //! ```
 
 #[path = "support/torture.rs"]
@@ -35,9 +35,15 @@ fn main() {
     let max_life = Duration::from_millis(
         get("--max-life-ms").map_or(400, |v| v.parse().expect("--max-life-ms N")),
     );
+    let backend = match get("--backend").as_deref() {
+        None | Some("sled") => keystead::Backend::Sled,
+        Some("fjall") => keystead::Backend::Fjall,
+        Some(other) => panic!("--backend sled|fjall, not {other}"),
+    };
     let (dir, _temp) = torture::work_dir(get("--dir").map(Into::into));
     println!(
-        "crash torture: kills={kills} seed={seed} max_life_ms={} dir={}",
+        "crash torture: backend={} kills={kills} seed={seed} max_life_ms={} dir={}",
+        backend.name(),
         max_life.as_millis(),
         dir.display()
     );
@@ -48,11 +54,13 @@ fn main() {
         seed,
         max_life,
         &torture::spawner(Vec::new()),
+        backend,
     ));
     report.print();
     if !report.ok() {
         eprintln!(
-            "FAILED. Replay: cargo run --release --example crash_torture -- --kills {kills} --seed {seed} --max-life-ms {}",
+            "FAILED. Replay: cargo run --release --example crash_torture -- --backend {} --kills {kills} --seed {seed} --max-life-ms {}",
+            backend.name(),
             max_life.as_millis()
         );
         std::process::exit(1);

@@ -167,6 +167,26 @@ pub enum OpenError {
         /// The layout this release reads.
         expected: String,
     },
+    /// The directory was created by another storage engine.
+    #[error("the database at {path:?} was created by the {found} backend, but this runtime uses {requested}; open it with RuntimeBuilder::backend for {found}, or choose another directory")]
+    WrongBackend {
+        /// The directory.
+        path: PathBuf,
+        /// The engine that created it (from its `keystead.backend` file or its files).
+        found: String,
+        /// The engine this runtime was built with.
+        requested: &'static str,
+    },
+    /// The chosen storage engine is not compiled into this build.
+    #[error(
+        "the {backend} backend is not compiled in; enable keystead's `{feature}` cargo feature"
+    )]
+    BackendNotBuilt {
+        /// The engine asked for.
+        backend: &'static str,
+        /// The cargo feature that builds it.
+        feature: &'static str,
+    },
     /// The runtime's threads could not be started.
     #[error("cannot start the runtime's threads: {0}")]
     Threads(String),

@@ -76,6 +76,7 @@
 mod actor;
 mod address;
 mod apply;
+mod backend;
 mod clock;
 mod codec;
 mod dead_letter;
@@ -101,6 +102,7 @@ pub mod testkit;
 struct ReadmeDoctests;
 
 pub use address::{Accepted, Ask, EntityRef, Snapshot, Tell};
+pub use backend::Backend;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::FORMAT_VERSION;
 pub use dead_letter::DeadLetter;

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::actor::{fnv1a, Job};
 use crate::address::EntityRef;
+use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
 use crate::codec;
 use crate::dead_letter::DeadLetter;
@@ -253,6 +254,7 @@ pub struct RuntimeBuilder {
     cache_bytes: u64,
     batch_messages_max: usize,
     durability: Durability,
+    backend: Backend,
     registry: HashMap<&'static str, Registration>,
     registry_error: Option<OpenError>,
     executors: HashMap<&'static str, effects::Registered>,
@@ -291,6 +293,7 @@ impl RuntimeBuilder {
             cache_bytes: 64 << 20,
             batch_messages_max: 1024,
             durability: Durability::Sync,
+            backend: Backend::Sled,
             registry: HashMap::new(),
             registry_error: None,
             executors: HashMap::new(),
@@ -427,6 +430,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The storage engine. Default: [`Backend::Sled`]. [`Backend::Fjall`] needs keystead's
+    /// `fjall` feature; without it `open` returns [`OpenError::BackendNotBuilt`].
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
     /// When writes are acknowledged: after their flush ([`Durability::Sync`], the default)
     /// or once applied, with a bounded loss window ([`Durability::Relaxed`]).
     pub fn durability(mut self, durability: Durability) -> Self {
@@ -538,6 +548,7 @@ impl RuntimeBuilder {
             batch_messages_max: self.batch_messages_max,
             queue_max: total_in_flight + 1024,
             durability: self.durability,
+            backend: self.backend,
         })?;
         let scan = scan_inbox(&store).map_err(|source| OpenError::Store {
             path: self.path.clone(),

@@ -13,6 +13,7 @@ mod common;
 
 use common::Never;
 use keystead::testkit::{Chaos, Report, Run};
+use keystead::Backend;
 use keystead::{
     Context, Effect, EffectContext, Entity, Failure, FailureKind, Outcome, Recorded, SubmitError,
 };
@@ -247,8 +248,8 @@ impl Entity for AccountEntity {
     }
 }
 
-/// Every entity and a ledger executor for every effect.
-fn chaos() -> Chaos {
+/// Every entity and a ledger executor for every effect, on `backend`.
+fn chaos(backend: Backend) -> Chaos {
     Chaos::new(|builder, ledger| {
         builder
             .register::<OrderEntity>()
@@ -264,13 +265,18 @@ fn chaos() -> Chaos {
             .executor(ledger.executor::<RenewalCharge>())
     })
     .seeds(SEEDS)
+    .backend(backend)
 }
 
 /// The faults a report must show to count as a chaos test at all.
-fn assert_exercised(report: &Report, effects: bool) {
+fn assert_exercised(report: &Report, effects: bool, backend: Backend) {
     // The figures quoted in docs/reliability.md (`cargo test --test chaos_seed_races --
     // --nocapture`).
-    eprintln!("{}: {report}", std::thread::current().name().unwrap_or("?"));
+    eprintln!(
+        "{} on {}: {report}",
+        std::thread::current().name().unwrap_or("?"),
+        backend.name()
+    );
     if report.replayed_seed.is_some() {
         return; // one seed replayed on its own (KEYSTEAD_CHAOS_SEED)
     }
@@ -315,36 +321,38 @@ fn order(run: &Run, key: &str) -> Result<Order, String> {
 /// Seed text: the customer double-clicks "Pay". One charge, one receipt for both clicks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_clicked_pay_charges_once() {
-    let report = chaos()
-        .check(|run| {
-            let o = order(run, "o-1")?;
-            assert_eq!(o.paid_cents, 1999);
-            assert_eq!(
-                o.provider_ref.as_deref(),
-                Some("ch_order/o-1/pay-o-1/0"),
-                "the provider's reference came back through the outbox"
-            );
-            let charges: Vec<_> = run
-                .performed()
-                .iter()
-                .filter(|p| p.effect == "charge")
-                .collect();
-            assert_eq!(charges.len(), 1, "charged exactly once: {charges:?}");
-            for outcome in run.outcomes::<OrderEntity>("pay-o-1") {
+    for backend in Backend::available() {
+        let report = chaos(backend)
+            .check(|run| {
+                let o = order(run, "o-1")?;
+                assert_eq!(o.paid_cents, 1999);
                 assert_eq!(
-                    reply_of(outcome).map(String::as_str),
-                    Some("receipt for o-1 (1999 cents)"),
-                    "every click sees the first receipt: {outcome:?}"
+                    o.provider_ref.as_deref(),
+                    Some("ch_order/o-1/pay-o-1/0"),
+                    "the provider's reference came back through the outbox"
                 );
-            }
-            Ok(())
-        })
-        .run(|s| {
-            s.ask::<OrderEntity>("o-1", OrderCmd::Pay { cents: 1999 })
-                .id("pay-o-1");
-        })
-        .await;
-    assert_exercised(&report, true);
+                let charges: Vec<_> = run
+                    .performed()
+                    .iter()
+                    .filter(|p| p.effect == "charge")
+                    .collect();
+                assert_eq!(charges.len(), 1, "charged exactly once: {charges:?}");
+                for outcome in run.outcomes::<OrderEntity>("pay-o-1") {
+                    assert_eq!(
+                        reply_of(outcome).map(String::as_str),
+                        Some("receipt for o-1 (1999 cents)"),
+                        "every click sees the first receipt: {outcome:?}"
+                    );
+                }
+                Ok(())
+            })
+            .run(|s| {
+                s.ask::<OrderEntity>("o-1", OrderCmd::Pay { cents: 1999 })
+                    .id("pay-o-1");
+            })
+            .await;
+        assert_exercised(&report, true, backend);
+    }
 }
 
 /// Seed text: a request timed out after it had succeeded and the client retried it (the
@@ -352,144 +360,150 @@ async fn double_clicked_pay_charges_once() {
 /// outbox retries with the same effect key). Still one charge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_a_successful_timeout_changes_nothing() {
-    let report = chaos()
-        .check(|run| {
-            let o = order(run, "o-2")?;
-            if o.paid_cents != 2500 {
-                return Err(format!("paid {} cents", o.paid_cents));
-            }
-            let charges = run
-                .performed()
-                .iter()
-                .filter(|p| p.effect == "charge")
-                .count();
-            if charges != 1 {
-                return Err(format!("{charges} charges performed"));
-            }
-            let replies: Vec<Option<&String>> = ["first try", "retry"]
-                .iter()
-                .flat_map(|label| run.outcomes::<OrderEntity>(label))
-                .map(reply_of)
-                .collect();
-            if replies
-                .iter()
-                .any(|r| r.map(String::as_str) != Some("receipt for o-2 (2500 cents)"))
-            {
-                return Err(format!("a caller saw another reply: {replies:?}"));
-            }
-            Ok(())
-        })
-        .run(|s| {
-            s.ask::<OrderEntity>("o-2", OrderCmd::Pay { cents: 2500 })
-                .id("pay-o-2")
-                .label("first try");
-            s.ask::<OrderEntity>("o-2", OrderCmd::Pay { cents: 2500 })
-                .id("pay-o-2")
-                .label("retry");
-        })
-        .await;
-    assert_exercised(&report, true);
-    assert!(
-        report.replayed_seed.is_some() || report.effect_calls > report.seeds,
-        "the provider saw repeated calls (timeouts after success) yet charged once: {report}"
-    );
+    for backend in Backend::available() {
+        let report = chaos(backend)
+            .check(|run| {
+                let o = order(run, "o-2")?;
+                if o.paid_cents != 2500 {
+                    return Err(format!("paid {} cents", o.paid_cents));
+                }
+                let charges = run
+                    .performed()
+                    .iter()
+                    .filter(|p| p.effect == "charge")
+                    .count();
+                if charges != 1 {
+                    return Err(format!("{charges} charges performed"));
+                }
+                let replies: Vec<Option<&String>> = ["first try", "retry"]
+                    .iter()
+                    .flat_map(|label| run.outcomes::<OrderEntity>(label))
+                    .map(reply_of)
+                    .collect();
+                if replies
+                    .iter()
+                    .any(|r| r.map(String::as_str) != Some("receipt for o-2 (2500 cents)"))
+                {
+                    return Err(format!("a caller saw another reply: {replies:?}"));
+                }
+                Ok(())
+            })
+            .run(|s| {
+                s.ask::<OrderEntity>("o-2", OrderCmd::Pay { cents: 2500 })
+                    .id("pay-o-2")
+                    .label("first try");
+                s.ask::<OrderEntity>("o-2", OrderCmd::Pay { cents: 2500 })
+                    .id("pay-o-2")
+                    .label("retry");
+            })
+            .await;
+        assert_exercised(&report, true, backend);
+        assert!(
+            report.replayed_seed.is_some() || report.effect_calls > report.seeds,
+            "the provider saw repeated calls (timeouts after success) yet charged once: {report}"
+        );
+    }
 }
 
 /// Seed text: two tabs open the same profile and both save. Whoever comes first wins; the
 /// other gets `Conflict` and nothing is silently overwritten.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tabs_one_wins_the_other_gets_conflict() {
-    let report = chaos()
-        .order_dependent()
-        .check(|run| {
-            let snap = run
-                .state::<ProfileEntity>("c-1")
-                .ok_or("no profile state")?;
-            if snap.revision != 1 {
-                return Err(format!(
-                    "{} saves applied, expected exactly 1",
-                    snap.revision
-                ));
-            }
-            let applied = |label: &str| {
-                run.outcomes::<ProfileEntity>(label).iter().all(|o| {
-                    matches!(
-                        o,
-                        Ok(Outcome::Applied { .. })
-                            | Ok(Outcome::Duplicate {
-                                first: Recorded::Applied { .. }
+    for backend in Backend::available() {
+        let report = chaos(backend)
+            .order_dependent()
+            .check(|run| {
+                let snap = run
+                    .state::<ProfileEntity>("c-1")
+                    .ok_or("no profile state")?;
+                if snap.revision != 1 {
+                    return Err(format!(
+                        "{} saves applied, expected exactly 1",
+                        snap.revision
+                    ));
+                }
+                let applied = |label: &str| {
+                    run.outcomes::<ProfileEntity>(label).iter().all(|o| {
+                        matches!(
+                            o,
+                            Ok(Outcome::Applied { .. })
+                                | Ok(Outcome::Duplicate {
+                                    first: Recorded::Applied { .. }
+                                })
+                        )
+                    })
+                };
+                let conflicted = |label: &str| {
+                    run.outcomes::<ProfileEntity>(label).iter().all(|o| {
+                        matches!(
+                            o,
+                            Err(SubmitError::Conflict {
+                                expected: 0,
+                                actual: 1,
+                                ..
                             })
-                    )
-                })
-            };
-            let conflicted = |label: &str| {
-                run.outcomes::<ProfileEntity>(label).iter().all(|o| {
-                    matches!(
-                        o,
-                        Err(SubmitError::Conflict {
-                            expected: 0,
-                            actual: 1,
-                            ..
-                        })
-                    )
-                })
-            };
-            let p = &snap.state;
-            let a_won = p.email == "a@example.com" && p.phone.is_empty();
-            let b_won = p.phone == "+33 1 23" && p.email.is_empty();
-            match (a_won, b_won) {
-                (true, false) if applied("tab-a") && conflicted("tab-b") => Ok(()),
-                (false, true) if applied("tab-b") && conflicted("tab-a") => Ok(()),
-                _ => Err(format!(
-                    "not exactly one winner: {p:?}, tab A {:?}, tab B {:?}",
-                    run.outcomes::<ProfileEntity>("tab-a"),
-                    run.outcomes::<ProfileEntity>("tab-b")
-                )),
-            }
-        })
-        .run(|s| {
-            s.ask::<ProfileEntity>("c-1", ProfileCmd::SetEmail("a@example.com".into()))
-                .id("tab-a")
-                .expect_revision(0);
-            s.ask::<ProfileEntity>("c-1", ProfileCmd::SetPhone("+33 1 23".into()))
-                .id("tab-b")
-                .expect_revision(0);
-        })
-        .await;
-    assert_exercised(&report, false);
+                        )
+                    })
+                };
+                let p = &snap.state;
+                let a_won = p.email == "a@example.com" && p.phone.is_empty();
+                let b_won = p.phone == "+33 1 23" && p.email.is_empty();
+                match (a_won, b_won) {
+                    (true, false) if applied("tab-a") && conflicted("tab-b") => Ok(()),
+                    (false, true) if applied("tab-b") && conflicted("tab-a") => Ok(()),
+                    _ => Err(format!(
+                        "not exactly one winner: {p:?}, tab A {:?}, tab B {:?}",
+                        run.outcomes::<ProfileEntity>("tab-a"),
+                        run.outcomes::<ProfileEntity>("tab-b")
+                    )),
+                }
+            })
+            .run(|s| {
+                s.ask::<ProfileEntity>("c-1", ProfileCmd::SetEmail("a@example.com".into()))
+                    .id("tab-a")
+                    .expect_revision(0);
+                s.ask::<ProfileEntity>("c-1", ProfileCmd::SetPhone("+33 1 23".into()))
+                    .id("tab-b")
+                    .expect_revision(0);
+            })
+            .await;
+        assert_exercised(&report, false, backend);
+    }
 }
 
 /// Seed text: "renew" (sequence 2) arrives after "cancel" (sequence 3). The subscription
 /// stays cancelled; the late event is dropped as stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_renew_after_cancel_stays_cancelled() {
-    let event = |status: &str, paid_until_day: u32| Subscription {
-        status: status.into(),
-        plan: "pro".into(),
-        paid_until_day,
-    };
-    let report = chaos()
-        .check(|run| {
-            let snap = run
-                .state::<SubscriptionEntity>("sub-1")
-                .ok_or("no subscription state")?;
-            assert_eq!(snap.state.status, "cancelled");
-            assert_eq!(snap.version, Some(3));
-            Ok(())
-        })
-        .run(|s| {
-            s.tell::<SubscriptionEntity>("sub-1", event("active", 30))
-                .id("evt-1")
-                .version(1);
-            s.tell::<SubscriptionEntity>("sub-1", event("active", 60))
-                .id("evt-2-renew")
-                .version(2);
-            s.tell::<SubscriptionEntity>("sub-1", event("cancelled", 60))
-                .id("evt-3-cancel")
-                .version(3);
-        })
-        .await;
-    assert_exercised(&report, false);
+    for backend in Backend::available() {
+        let event = |status: &str, paid_until_day: u32| Subscription {
+            status: status.into(),
+            plan: "pro".into(),
+            paid_until_day,
+        };
+        let report = chaos(backend)
+            .check(|run| {
+                let snap = run
+                    .state::<SubscriptionEntity>("sub-1")
+                    .ok_or("no subscription state")?;
+                assert_eq!(snap.state.status, "cancelled");
+                assert_eq!(snap.version, Some(3));
+                Ok(())
+            })
+            .run(|s| {
+                s.tell::<SubscriptionEntity>("sub-1", event("active", 30))
+                    .id("evt-1")
+                    .version(1);
+                s.tell::<SubscriptionEntity>("sub-1", event("active", 60))
+                    .id("evt-2-renew")
+                    .version(2);
+                s.tell::<SubscriptionEntity>("sub-1", event("cancelled", 60))
+                    .id("evt-3-cancel")
+                    .version(3);
+            })
+            .await;
+        assert_exercised(&report, false, backend);
+    }
 }
 
 /// Seed text: the payment webhook arrives before the order it pays for exists. The order
@@ -497,35 +511,37 @@ async fn late_renew_after_cancel_stays_cancelled() {
 /// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_before_its_record_is_applied_once_placed() {
-    let report = chaos()
-        .check(|run| {
-            let o = order(run, "o-3")?;
-            assert!(o.placed && o.confirmed, "{o:?}");
-            assert_eq!((o.total_cents, o.paid_cents), (4200, 4200));
-            assert_eq!(o.provider_ref.as_deref(), Some("pi_77"));
-            assert_eq!(o.early_payment, None, "the early payment was applied");
-            let mails = run
-                .performed()
-                .iter()
-                .filter(|p| p.effect == "confirmation")
-                .count();
-            assert_eq!(mails, 1, "one confirmation");
-            Ok(())
-        })
-        .run(|s| {
-            s.tell::<OrderEntity>("o-3", OrderCmd::Place { total_cents: 4200 })
-                .id("checkout-o-3");
-            s.tell::<OrderEntity>(
-                "o-3",
-                OrderCmd::WebhookPaid {
-                    cents: 4200,
-                    provider_ref: "pi_77".into(),
-                },
-            )
-            .id("evt_pi_77_succeeded");
-        })
-        .await;
-    assert_exercised(&report, true);
+    for backend in Backend::available() {
+        let report = chaos(backend)
+            .check(|run| {
+                let o = order(run, "o-3")?;
+                assert!(o.placed && o.confirmed, "{o:?}");
+                assert_eq!((o.total_cents, o.paid_cents), (4200, 4200));
+                assert_eq!(o.provider_ref.as_deref(), Some("pi_77"));
+                assert_eq!(o.early_payment, None, "the early payment was applied");
+                let mails = run
+                    .performed()
+                    .iter()
+                    .filter(|p| p.effect == "confirmation")
+                    .count();
+                assert_eq!(mails, 1, "one confirmation");
+                Ok(())
+            })
+            .run(|s| {
+                s.tell::<OrderEntity>("o-3", OrderCmd::Place { total_cents: 4200 })
+                    .id("checkout-o-3");
+                s.tell::<OrderEntity>(
+                    "o-3",
+                    OrderCmd::WebhookPaid {
+                        cents: 4200,
+                        provider_ref: "pi_77".into(),
+                    },
+                )
+                .id("evt_pi_77_succeeded");
+            })
+            .await;
+        assert_exercised(&report, true, backend);
+    }
 }
 
 /// Seed text: the nightly renewal cron overran and the next run started while the first
@@ -533,38 +549,40 @@ async fn webhook_before_its_record_is_applied_once_placed() {
 /// account is renewed and charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_cron_runs_bill_each_account_once() {
-    const ACCOUNTS: usize = 4;
-    let report = chaos()
-        .check(|run| {
-            for a in 0..ACCOUNTS {
-                let key = format!("acct-{a}");
-                let snap = run
-                    .state::<AccountEntity>(&key)
-                    .ok_or_else(|| format!("no state for {key}"))?;
-                assert_eq!(snap.state.renewed_periods, ["2026-11"], "{key}");
-                assert_eq!(snap.state.billed_cents, 900, "{key}");
-            }
-            let charges = run
-                .performed()
-                .iter()
-                .filter(|p| p.effect == "renewal-charge")
-                .count();
-            assert_eq!(charges, ACCOUNTS, "one charge per account");
-            Ok(())
-        })
-        .run(|s| {
-            for cron_run in ["run-1", "run-2"] {
+    for backend in Backend::available() {
+        const ACCOUNTS: usize = 4;
+        let report = chaos(backend)
+            .check(|run| {
                 for a in 0..ACCOUNTS {
-                    let renew = Renew {
-                        period: "2026-11".into(),
-                        cents: 900,
-                    };
-                    s.tell::<AccountEntity>(format!("acct-{a}"), renew)
-                        .id(format!("renew:2026-11:acct-{a}"))
-                        .label(format!("{cron_run}/acct-{a}"));
+                    let key = format!("acct-{a}");
+                    let snap = run
+                        .state::<AccountEntity>(&key)
+                        .ok_or_else(|| format!("no state for {key}"))?;
+                    assert_eq!(snap.state.renewed_periods, ["2026-11"], "{key}");
+                    assert_eq!(snap.state.billed_cents, 900, "{key}");
                 }
-            }
-        })
-        .await;
-    assert_exercised(&report, true);
+                let charges = run
+                    .performed()
+                    .iter()
+                    .filter(|p| p.effect == "renewal-charge")
+                    .count();
+                assert_eq!(charges, ACCOUNTS, "one charge per account");
+                Ok(())
+            })
+            .run(|s| {
+                for cron_run in ["run-1", "run-2"] {
+                    for a in 0..ACCOUNTS {
+                        let renew = Renew {
+                            period: "2026-11".into(),
+                            cents: 900,
+                        };
+                        s.tell::<AccountEntity>(format!("acct-{a}"), renew)
+                            .id(format!("renew:2026-11:acct-{a}"))
+                            .label(format!("{cron_run}/acct-{a}"));
+                    }
+                }
+            })
+            .await;
+        assert_exercised(&report, true, backend);
+    }
 }

@@ -17,7 +17,7 @@ fn torture_child() {
 }
 
 #[test]
-fn twenty_five_kills_lose_nothing_and_double_nothing() {
+fn twenty_five_kills_per_backend_lose_nothing_and_double_nothing() {
     if std::env::var(torture::CHILD_ENV).is_ok() {
         return;
     }
@@ -25,29 +25,36 @@ fn twenty_five_kills_lose_nothing_and_double_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_261_123);
-    let dir = tempfile::tempdir().unwrap();
-    let spawn = torture::spawner(vec![
-        "--exact".into(),
-        "torture_child".into(),
-        "--nocapture".into(),
-        "--test-threads=1".into(),
-    ]);
-    let tokio = tokio::runtime::Runtime::new().unwrap();
-    let report = tokio.block_on(torture::torture(
-        dir.path(),
-        25,
-        seed,
-        Duration::from_millis(300),
-        &spawn,
-    ));
-    report.print();
-    assert!(report.kills_early > 0, "some kills must land inside open");
-    assert!(
-        report.acknowledged > 100,
-        "the workload must do real work: {report:?}"
-    );
-    assert!(
-        report.ok(),
-        "crash torture failed: {report:?}\nreplay: KEYSTEAD_TORTURE_SEED={seed} cargo test --test crash_torture"
-    );
+    for backend in keystead::Backend::available() {
+        let dir = tempfile::tempdir().unwrap();
+        let spawn = torture::spawner(vec![
+            "--exact".into(),
+            "torture_child".into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ]);
+        let tokio = tokio::runtime::Runtime::new().unwrap();
+        let report = tokio.block_on(torture::torture(
+            dir.path(),
+            25,
+            seed,
+            Duration::from_millis(300),
+            &spawn,
+            backend,
+        ));
+        println!("{backend:?}:");
+        report.print();
+        assert!(
+            report.kills_early > 0,
+            "{backend:?}: some kills must land inside open"
+        );
+        assert!(
+            report.acknowledged > 100,
+            "{backend:?}: the workload must do real work: {report:?}"
+        );
+        assert!(
+            report.ok(),
+            "{backend:?}: crash torture failed: {report:?}\nreplay: KEYSTEAD_TORTURE_SEED={seed} cargo test --test crash_torture"
+        );
+    }
 }

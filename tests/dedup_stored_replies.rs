@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use keystead::{ManualClock, Outcome, OutcomeKind, Recorded};
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_asks_with_one_id_apply_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,7 +50,9 @@ async fn fifty_concurrent_asks_with_one_id_apply_once() {
     assert_eq!(rt.stats().applied, 20);
     assert_eq!(rt.stats().duplicate, 20 * 49);
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_scoped_per_entity_key_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,7 +86,9 @@ async fn ids_are_scoped_per_entity_key_and_survive_restart() {
     assert_eq!(a.snapshot().unwrap().state.count, 1);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_expire_only_after_the_retention_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,4 +121,5 @@ async fn records_expire_only_after_the_retention_window() {
     assert_eq!(reborn.kind(), OutcomeKind::Applied);
     assert_eq!(e.snapshot().unwrap().state.count, 3);
     rt.shutdown().await;
+}
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use keystead::{Durability, OpenError};
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relaxed_mode_loses_nothing_on_a_clean_shutdown() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,7 +61,9 @@ async fn relaxed_mode_loses_nothing_on_a_clean_shutdown() {
     assert_eq!(rt.inbox_len().unwrap(), 0);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[test]
 fn a_loss_window_out_of_range_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,4 +79,5 @@ fn a_loss_window_out_of_range_is_refused() {
             other => panic!("{flush_every:?} accepted: {other:?}"),
         }
     }
+}
 }

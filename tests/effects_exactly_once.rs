@@ -19,7 +19,7 @@ use common::*;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use keystead::{
     AsyncExecutor, Context, Effect, EffectContext, EffectError, EffectKey, EffectStatus, Entity,
-    Executor, Failure, FailureKind, Feedback, OutcomeKind, RetryPolicy, Runtime, RuntimeBuilder,
+    Executor, Failure, FailureKind, Feedback, OutcomeKind, RetryPolicy, RuntimeBuilder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -251,7 +251,7 @@ fn effect_retry(attempts: u32) -> RetryPolicy {
 }
 
 fn base(path: &std::path::Path) -> RuntimeBuilder {
-    Runtime::builder(path)
+    runtime_builder(path)
         .shards(2)
         .retry(fast_retry(3))
         .effect_retry(effect_retry(5))
@@ -269,6 +269,7 @@ fn charge_key(user: &str, message_id: &str) -> EffectKey {
     EffectKey::new("account", user, message_id, 0)
 }
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seed_races_charge_once_and_welcome_once_for_200_users() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,6 +343,7 @@ async fn seed_races_charge_once_and_welcome_once_for_200_users() {
     assert_eq!(rt.stats().effects_done, (2 * USERS) as u64);
     rt.shutdown().await;
 }
+}
 
 /// Holds its executor until the test drops the sender; never calls the provider.
 struct HeldBefore(Receiver<()>);
@@ -352,6 +354,7 @@ impl Executor<Charge> for HeldBefore {
     }
 }
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_commit_and_execution_runs_the_effect_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -380,6 +383,7 @@ async fn a_crash_between_commit_and_execution_runs_the_effect_after_reopen() {
     assert_eq!(state.captured.len(), 1);
     rt.shutdown().await;
 }
+}
 
 /// Calls the provider, reports it, then hangs: the process dies before the effect is
 /// marked done.
@@ -397,6 +401,7 @@ impl Executor<Charge> for HeldAfter {
     }
 }
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_the_provider_call_repeats_it_with_the_same_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,7 +449,9 @@ async fn a_crash_after_the_provider_call_repeats_it_with_the_same_key() {
     assert_eq!(state.captured.len(), 1, "feedback applied once");
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_down_provider_never_blocks_the_entity_and_effects_catch_up_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -492,7 +499,9 @@ async fn a_down_provider_never_blocks_the_entity_and_effects_catch_up_in_order()
     assert_eq!(user.snapshot().unwrap().state.captured.len(), 4);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn effects_of_messages_that_did_not_apply_never_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -547,6 +556,7 @@ async fn effects_of_messages_that_did_not_apply_never_run() {
     }
     rt.shutdown().await;
 }
+}
 
 /// Refuses every order whose name starts with "bad"; otherwise delegates.
 struct Picky(Arc<Provider>);
@@ -563,6 +573,7 @@ impl Executor<Charge> for Picky {
     }
 }
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn effect_failures_are_classified_and_dead_letters_can_be_requeued() {
     let dir = tempfile::tempdir().unwrap();
@@ -621,7 +632,9 @@ async fn effect_failures_are_classified_and_dead_letters_can_be_requeued() {
     assert_eq!(user.snapshot().unwrap().state.captured.len(), 1);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn independent_effects_do_not_wait_behind_a_stuck_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -674,7 +687,9 @@ async fn independent_effects_do_not_wait_behind_a_stuck_one() {
     );
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_effect_without_an_executor_dead_letters_its_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -705,6 +720,7 @@ async fn an_effect_without_an_executor_dead_letters_its_message() {
     );
     rt.shutdown().await;
 }
+}
 
 /// Panics on the first attempt, then delegates.
 struct PanicsOnce(Arc<Provider>);
@@ -721,6 +737,7 @@ impl Executor<Charge> for PanicsOnce {
     }
 }
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_executor_is_a_retryable_failure_of_that_effect() {
     quiet_panics();
@@ -742,7 +759,9 @@ async fn a_panicking_executor_is_a_retryable_failure_of_that_effect() {
     assert_eq!(provider.calls(&charge_key("p", "pay-1")), 1);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 /// Regression (found by tests/crash_torture.rs): the sequence in outbox keys restarted from
 /// the inbox's highest entry at open, so after a reopen with an empty inbox a new effect of
 /// the same entity reused a pending effect's key and overwrote it; that effect never ran.
@@ -787,7 +806,9 @@ async fn a_pending_effect_survives_a_reopen_followed_by_new_effects() {
     assert_eq!(provider.calls(&charge_key("s", "pay-2")), 1);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_effects_leave_the_history_after_the_retention_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -837,4 +858,5 @@ async fn finished_effects_leave_the_history_after_the_retention_window() {
         "dead letters are kept"
     );
     rt.shutdown().await;
+}
 }

@@ -32,19 +32,22 @@ async fn within<F: std::future::IntoFuture>(f: F) -> F::Output {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
 
     #[test]
     fn damaged_records_fail_typed_and_alone(states in proptest::collection::vec(garbage(), 1..4),
-                                            inbox in proptest::collection::vec(garbage(), 0..4)) {
+                                            inbox in proptest::collection::vec(garbage(), 0..4),
+                                            on_fjall in proptest::bool::ANY) {
+        // Each case picks an engine: both see the same kinds of damage over the run.
+        set_backend(if on_fjall { keystead::Backend::Fjall } else { keystead::Backend::Sled });
         let dir = tempfile::tempdir().unwrap();
         drop(builder(dir.path()).open().unwrap());
-        with_raw_sled(dir.path(), |db| {
+        with_raw_store(dir.path(), |db| {
             for (i, bytes) in states.iter().enumerate() {
-                db.insert(state_key("tally", &format!("bad{i}")), bytes.clone()).unwrap();
+                db.put(&state_key("tally", &format!("bad{i}")), bytes);
             }
             for (i, bytes) in inbox.iter().enumerate() {
-                db.insert(inbox_key("tally", "inbox-bad", i as u64 + 1), bytes.clone()).unwrap();
+                db.put(&inbox_key("tally", "inbox-bad", i as u64 + 1), bytes);
             }
         });
         let tokio = tokio::runtime::Runtime::new().unwrap();

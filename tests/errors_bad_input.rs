@@ -11,6 +11,7 @@ mod common;
 use common::*;
 use keystead::{Context, DecodeError, Entity, OpenError, OutcomeKind, SubmitError};
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
     let dir = tempfile::tempdir().unwrap();
@@ -24,12 +25,11 @@ async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
         rt.shutdown().await;
     }
     // Bytes written by an incompatible state type.
-    with_raw_sled(dir.path(), |db| {
-        db.insert(
-            state_key("tally", "bad"),
-            vec![1u8, 0xff, 0xff, 0xff, 0xff, 0xff],
+    with_raw_store(dir.path(), |db| {
+        db.put(
+            &state_key("tally", "bad"),
+            &[1u8, 0xff, 0xff, 0xff, 0xff, 0xff],
         )
-        .unwrap()
     });
     {
         let rt = builder(dir.path()).open().unwrap();
@@ -58,8 +58,8 @@ async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
         rt.shutdown().await;
     }
     // The operator repairs the record (here: resets it) ...
-    with_raw_sled(dir.path(), |db| {
-        db.remove(state_key("tally", "bad")).unwrap()
+    with_raw_store(dir.path(), |db| {
+        db.remove(&state_key("tally", "bad"))
     });
     // ... and the kept message is processed at the next open.
     let rt = builder(dir.path()).open().unwrap();
@@ -69,14 +69,15 @@ async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
     assert_eq!(snap.state.applied, vec!["kept"]);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_inbox_entry_is_dead_lettered_not_lost() {
     let dir = tempfile::tempdir().unwrap();
     drop(builder(dir.path()).open().unwrap());
-    with_raw_sled(dir.path(), |db| {
-        db.insert(inbox_key("tally", "k", 7), vec![1u8, 0xde, 0xad])
-            .unwrap()
+    with_raw_store(dir.path(), |db| {
+        db.put(&inbox_key("tally", "k", 7), &[1u8, 0xde, 0xad])
     });
     let rt = builder(dir.path()).open().unwrap();
     rt.idle().await;
@@ -101,7 +102,9 @@ async fn an_undecodable_inbox_entry_is_dead_lettered_not_lost() {
     );
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_database_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,6 +118,7 @@ async fn a_held_database_is_refused_with_a_clear_error() {
     rt.shutdown().await;
     // Released at shutdown: opening again works at once.
     builder(dir.path()).open().unwrap().shutdown().await;
+}
 }
 
 struct Unregistered;
@@ -142,6 +146,7 @@ impl Entity for Impostor {
     }
 }
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_get_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,7 +205,9 @@ async fn invalid_requests_get_typed_errors() {
         Err(SubmitError::Closed { .. })
     ));
 }
+}
 
+on_each_backend! {
 #[test]
 fn invalid_settings_and_directories_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,15 +242,17 @@ fn invalid_settings_and_directories_are_refused() {
     std::fs::write(&file, b"not a directory").unwrap();
     let e = builder(&file).open().unwrap_err();
     assert!(matches!(e, OpenError::Io { .. }), "{e}");
-    // A directory with someone else's sled data is not adopted silently.
+    // A directory with someone else's data is not adopted silently.
     let foreign = dir.path().join("foreign");
-    with_raw_sled(&foreign, |db| {
-        db.insert(b"their-key", b"their-value").unwrap()
+    with_raw_store(&foreign, |db| {
+        db.put(b"their-key", b"their-value")
     });
     let e = builder(&foreign).open().unwrap_err();
     assert!(matches!(e, OpenError::Layout { .. }), "{e}");
 }
+}
 
+/// sled only: the partial snapshot file is a sled quirk (upstream sled #1527).
 #[test]
 fn a_partial_snapshot_left_by_a_killed_open_is_removed() {
     let dir = tempfile::tempdir().unwrap();

@@ -71,6 +71,7 @@ fn child_hold_database() {
     std::io::stdin().read_line(&mut line).unwrap();
 }
 
+on_each_backend_in_turn! {
 #[test]
 fn another_process_holding_the_database_is_refused() {
     use std::io::{BufRead, BufReader};
@@ -84,6 +85,7 @@ fn another_process_holding_the_database_is_refused() {
             "--test-threads=1",
         ])
         .env("KEYSTEAD_HOLD_DB", dir.path())
+        .env("KEYSTEAD_TEST_BACKEND", backend().name())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -104,6 +106,7 @@ fn another_process_holding_the_database_is_refused() {
         matches!(result, Err(OpenError::Locked { .. })),
         "{result:?}"
     );
+}
 }
 
 /// Run as a child process by `a_full_disk_refuses_work_cleanly_and_recovers`: fills the
@@ -174,6 +177,7 @@ async fn child_fill_disk() {
     println!("acknowledged={acknowledged}");
 }
 
+on_each_backend_in_turn! {
 /// A 4 MiB tmpfs fills up: tells fail with a typed, retryable storage error, nothing that
 /// was acknowledged is lost, and after the disk grows and the process restarts, everything
 /// acknowledged is processed exactly once.
@@ -191,6 +195,7 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
             "--test-threads=1",
         ])
         .env("KEYSTEAD_FILL_DB", &path)
+        .env("KEYSTEAD_TEST_BACKEND", backend().name())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&child.stdout);
@@ -238,7 +243,9 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
         rt.shutdown().await;
     });
 }
+}
 
+on_each_backend_in_turn! {
 /// A read-only disk: opening is refused with a typed error naming the directory, and once
 /// the disk is writable again everything acknowledged before is there. (Linux refuses to
 /// remount a filesystem read-only while files on it are open for writing, so the switch is
@@ -290,4 +297,5 @@ fn a_read_only_disk_refuses_cleanly_and_recovers() {
         );
         rt.shutdown().await;
     });
+}
 }

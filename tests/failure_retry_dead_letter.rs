@@ -10,9 +10,10 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use keystead::{Context, Entity, Failure, FailureKind, Outcome, OutcomeKind, Recorded, Runtime};
+use keystead::{Context, Entity, Failure, FailureKind, Outcome, OutcomeKind, Recorded};
 use serde::{Deserialize, Serialize};
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_is_rejected_once_retryable_is_retried() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,7 +57,9 @@ async fn permanent_is_rejected_once_retryable_is_retried() {
     assert_eq!(rt.stats().retries, 2, "attempts 1 and 2 failed");
     rt.shutdown().await;
 }
+}
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_dead_letter_with_the_last_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,6 +108,7 @@ async fn exhausted_retries_dead_letter_with_the_last_error() {
     assert!(rt.dead_letters::<TallyEntity>().unwrap().is_empty());
     rt.shutdown().await;
 }
+}
 
 static UPSTREAM_UP: AtomicBool = AtomicBool::new(false);
 
@@ -134,10 +138,12 @@ impl Entity for Sync {
     }
 }
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requeue_keeps_the_id_and_twice_applies_once() {
+    UPSTREAM_UP.store(false, Ordering::SeqCst); // down again for each engine's turn
     let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::builder(dir.path())
+    let rt = runtime_builder(dir.path())
         .shards(2)
         .retry(fast_retry(2))
         .register::<Sync>()
@@ -187,7 +193,9 @@ async fn requeue_keeps_the_id_and_twice_applies_once() {
     );
     rt.shutdown().await;
 }
+}
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panicking_entity_does_not_disturb_the_others() {
     quiet_panics();
@@ -226,4 +234,5 @@ async fn a_panicking_entity_does_not_disturb_the_others() {
     assert_eq!(bad.ask(add("fine")).await.unwrap().reply(), Some(&1));
     assert_eq!(bad.snapshot().unwrap().state.count, 1);
     rt.shutdown().await;
+}
 }

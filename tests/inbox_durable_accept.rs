@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use keystead::{Context, Entity, Failure, FailureKind, RetryPolicy, Runtime};
+use keystead::{Context, Entity, Failure, FailureKind, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 static GATE_OPEN: AtomicBool = AtomicBool::new(false);
@@ -44,7 +44,7 @@ impl Entity for Gated {
 }
 
 fn gated(path: &std::path::Path) -> keystead::RuntimeBuilder {
-    Runtime::builder(path).shards(2).register::<Gated>().retry(
+    runtime_builder(path).shards(2).register::<Gated>().retry(
         RetryPolicy::default()
             .attempts_max(1000)
             .backoff_initial(Duration::from_secs(3600))
@@ -52,8 +52,10 @@ fn gated(path: &std::path::Path) -> keystead::RuntimeBuilder {
     )
 }
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accepted_messages_survive_a_drop_and_run_once_after_reopen() {
+    GATE_OPEN.store(false, Ordering::SeqCst); // closed again for each engine's turn
     let dir = tempfile::tempdir().unwrap();
     const KEYS: usize = 20;
     const PER_KEY: usize = 10;
@@ -96,7 +98,9 @@ async fn accepted_messages_survive_a_drop_and_run_once_after_reopen() {
     }
     rt.shutdown().await;
 }
+}
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropping_mid_processing_loses_nothing_and_applies_nothing_twice() {
     const KEYS: usize = 50;
@@ -149,7 +153,9 @@ async fn dropping_mid_processing_loses_nothing_and_applies_nothing_twice() {
     // The drop must have interrupted real work, or this test proves nothing.
     assert!(recovered > 0, "no round left messages in the inbox");
 }
+}
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ask_reply_means_the_change_is_on_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,4 +181,5 @@ async fn an_ask_reply_means_the_change_is_on_disk() {
             1
         );
     }
+}
 }

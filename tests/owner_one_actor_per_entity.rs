@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use common::*;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use keystead::{Context, Entity, Failure, FailureKind, OutcomeKind, Runtime};
+use keystead::{Context, Entity, Failure, FailureKind, OutcomeKind};
 use serde::{Deserialize, Serialize};
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousand_keys_twenty_messages_eight_senders() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,6 +75,7 @@ async fn thousand_keys_twenty_messages_eight_senders() {
     assert_eq!(rt.stats().applied, (KEYS * PER_KEY) as u64);
     rt.shutdown().await;
 }
+}
 
 /// Two handlers that must meet: each signals the other and waits for the other's signal.
 /// If the runtime serialised them (a global lock, or one thread for both), they would time
@@ -118,10 +120,11 @@ impl Entity for Meeting {
     }
 }
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn different_shards_run_handlers_at_the_same_time() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::builder(dir.path())
+    let rt = runtime_builder(dir.path())
         .shards(2)
         .register::<Meeting>()
         .open()
@@ -141,7 +144,9 @@ async fn different_shards_run_handlers_at_the_same_time() {
     assert_eq!(r.snapshot().unwrap().state, 50);
     rt.shutdown().await;
 }
+}
 
+on_each_backend_in_turn! {
 /// A burst of sends right after `open` is admitted in full. A shard whose mailbox capacity
 /// was not set yet used to let actix park the shared sender and refuse later sends (seen as
 /// `Closed`, caught by `effects_exactly_once.rs` in 2 of 25 runs); `start_system` now hands
@@ -174,4 +179,5 @@ async fn a_burst_right_after_open_is_admitted() {
         }
         rt.shutdown().await;
     }
+}
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_actors_stop_and_come_back_with_their_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,7 +48,9 @@ async fn idle_actors_stop_and_come_back_with_their_state() {
     assert!(rt.stats().activations >= 2 * KEYS);
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn passivation_racing_with_new_messages_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +101,9 @@ async fn passivation_racing_with_new_messages_loses_nothing() {
     );
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 /// `EntityRef::passivate` (what the chaos testkit uses to restart actors) racing with
 /// messages: every message is applied once, every `true` answer is a real stop, and every
 /// activation ends in a stop unless the actor is still live.
@@ -140,4 +145,5 @@ async fn passivate_on_demand_racing_with_messages_loses_nothing() {
         "{stats:?}"
     );
     rt.shutdown().await;
+}
 }

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use keystead::{OutcomeKind, SubmitError};
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tabs_one_wins_the_other_reloads() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,7 +55,9 @@ async fn two_tabs_one_wins_the_other_reloads() {
     );
     rt.shutdown().await;
 }
+}
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_saves_from_one_revision_exactly_one_wins() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,4 +90,5 @@ async fn concurrent_saves_from_one_revision_exactly_one_wins() {
     }
     assert_eq!(rt.stats().conflicts, 20 * 19);
     rt.shutdown().await;
+}
 }

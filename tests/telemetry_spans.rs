@@ -96,12 +96,15 @@ fn spans_for(key: &str) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_span_carries_the_contract_fields() {
     install();
+    // One key per engine: the captured spans are shared by the whole test binary.
+    let key = format!("span-key-{}", backend().name());
     let dir = tempfile::tempdir().unwrap();
     let rt = builder(dir.path()).retry(fast_retry(3)).open().unwrap();
-    let e = rt.entity::<TallyEntity>("span-key");
+    let e = rt.entity::<TallyEntity>(key.clone());
     e.ask(add("secret-card-4111"))
         .id("m-1")
         .correlation_id("req-7")
@@ -118,7 +121,7 @@ async fn every_message_span_carries_the_contract_fields() {
     e.ask(add("dup")).id("m-1").await.unwrap();
     rt.shutdown().await;
 
-    let spans = spans_for("span-key");
+    let spans = spans_for(&key);
     assert_eq!(spans.len(), 3, "{spans:?}");
     let first = spans
         .iter()
@@ -154,7 +157,9 @@ async fn every_message_span_carries_the_contract_fields() {
         || c.events.iter().any(|e| e.contains("secret-card"));
     assert!(!leaked, "a payload reached the logs without opt-in");
 }
+}
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_are_logged_only_when_asked() {
     install();
@@ -167,6 +172,7 @@ async fn payloads_are_logged_only_when_asked() {
     rt.shutdown().await;
     let c = captured().lock().unwrap();
     assert!(c.events.iter().any(|e| e.contains("visible-payload-42")));
+}
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -198,11 +204,12 @@ impl keystead::Executor<Ping> for Pong {
     }
 }
 
+on_each_backend_in_turn! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn effect_spans_carry_the_correlation_id_of_their_message() {
     install();
     let dir = tempfile::tempdir().unwrap();
-    let rt = keystead::Runtime::builder(dir.path())
+    let rt = runtime_builder(dir.path())
         .register::<Pinger>()
         .executor::<Ping>(Pong)
         .open()
@@ -224,4 +231,5 @@ async fn effect_spans_carry_the_correlation_id_of_their_message() {
     assert_eq!(span["correlation_id"], "req-effect-42");
     assert_eq!(span["effect_key"], "pinger/p-1/ping-1/0");
     assert_eq!(span["status"], "done");
+}
 }

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use keystead::{Outcome, Recorded};
 
+on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_renew_after_cancel_is_dropped_and_remembered() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,4 +50,5 @@ async fn late_renew_after_cancel_is_dropped_and_remembered() {
     let snap = sub.snapshot().unwrap();
     assert_eq!((snap.revision, snap.version), (3, Some(3)));
     rt.shutdown().await;
+}
 }

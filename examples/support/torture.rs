@@ -160,8 +160,18 @@ pub fn read_lines(path: &Path) -> Vec<String> {
     out
 }
 
+/// The engine the run uses: the one recorded in the database directory (`torture` records
+/// it before the first child starts), so parent and children agree without a flag.
+fn backend_of(dir: &Path) -> keystead::Backend {
+    match std::fs::read_to_string(dir.join("db").join("keystead.backend")).as_deref() {
+        Ok(name) if name.trim() == "fjall" => keystead::Backend::Fjall,
+        _ => keystead::Backend::Sled,
+    }
+}
+
 pub fn runtime(dir: &Path) -> Result<Runtime, keystead::OpenError> {
     Runtime::builder(dir.join("db"))
+        .backend(backend_of(dir))
         .shards(2)
         .retry(
             RetryPolicy::default()
@@ -321,7 +331,13 @@ pub async fn torture(
     seed: u64,
     max_life: Duration,
     spawn: &dyn Fn(&Path, u64, u64) -> Child,
+    backend: keystead::Backend,
 ) -> Report {
+    // Record the engine before the first child opens the directory (see `backend_of`).
+    let db = dir.join("db");
+    std::fs::create_dir_all(&db).expect("database directory");
+    std::fs::write(db.join("keystead.backend"), format!("{}\n", backend.name()))
+        .expect("record the engine");
     let started = Instant::now();
     let mut rng = seed;
     let mut report = Report::default();

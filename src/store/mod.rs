@@ -9,6 +9,8 @@
 //! flushes, and only then completes each caller's future. A lone commit is applied at once;
 //! batches form only under load.
 
+#[cfg(feature = "fjall")]
+mod fjall_engine;
 mod sled_engine;
 
 use std::fs;
@@ -22,6 +24,7 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::backend::Backend;
 use crate::durability::Durability;
 use crate::error::{OpenError, StoreError};
 use crate::keys;
@@ -87,6 +90,7 @@ pub(crate) struct StoreConfig {
     pub batch_messages_max: usize,
     pub queue_max: usize,
     pub durability: Durability,
+    pub backend: Backend,
 }
 
 /// The open database and its committer.
@@ -108,6 +112,48 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The file that records which engine created a directory.
+const BACKEND_FILE: &str = "keystead.backend";
+
+/// Checks that `path` was created by `backend` (or is new), and records it if not yet
+/// recorded, so a directory is never opened by the wrong engine by accident.
+fn claim_directory(path: &std::path::Path, backend: Backend) -> Result<(), OpenError> {
+    let io_error = |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let marker = path.join(BACKEND_FILE);
+    let found = match fs::read_to_string(&marker) {
+        Ok(found) => Some(found.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // No record: data from before the record existed, or a fresh directory. sled
+            // keeps a `conf` file; fjall a `lock` file and a `journals` directory.
+            if path.join("conf").exists() {
+                Some(Backend::Sled.name().to_string())
+            } else if path.join("journals").exists() || path.join("lock").exists() {
+                Some(Backend::Fjall.name().to_string())
+            } else {
+                None
+            }
+        }
+        Err(e) => return Err(io_error(e)),
+    };
+    match found {
+        Some(found) if found != backend.name() => Err(OpenError::WrongBackend {
+            path: path.to_path_buf(),
+            found,
+            requested: backend.name(),
+        }),
+        Some(_) if marker.exists() => Ok(()),
+        _ => {
+            let file = fs::File::create(&marker).map_err(io_error)?;
+            std::io::Write::write_all(&mut &file, format!("{}\n", backend.name()).as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io_error)
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `config.path` and starts the committer.
     ///
@@ -120,7 +166,19 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let engine: Arc<dyn Engine> = Arc::new(SledEngine::open(&path, config.cache_bytes)?);
+        claim_directory(&path, config.backend)?;
+        let engine: Arc<dyn Engine> = match config.backend {
+            Backend::Sled => Arc::new(SledEngine::open(&path, config.cache_bytes)?),
+            #[cfg(feature = "fjall")]
+            Backend::Fjall => Arc::new(fjall_engine::FjallEngine::open(&path, config.cache_bytes)?),
+            #[cfg(not(feature = "fjall"))]
+            Backend::Fjall => {
+                return Err(OpenError::BackendNotBuilt {
+                    backend: "fjall",
+                    feature: "fjall",
+                })
+            }
+        };
         Self::check_layout(engine.as_ref(), &path)?;
 
         let (tx, rx) = bounded::<Commit>(config.queue_max);

@@ -61,6 +61,7 @@ pub use plan::Faults;
 pub use run::{AskResult, Run};
 pub use script::{Message, Script};
 
+use crate::backend::Backend;
 use crate::clock::ManualClock;
 use crate::retry::RetryPolicy;
 use crate::runtime::{Runtime, RuntimeBuilder};
@@ -87,6 +88,7 @@ type Check = dyn Fn(&Run) -> Result<(), String> + Send + Sync;
 /// See the [module documentation](self) for an example.
 pub struct Chaos {
     setup: Arc<Setup>,
+    backend: Backend,
     seeds: u64,
     first_seed: u64,
     faults: Faults,
@@ -97,6 +99,7 @@ pub struct Chaos {
 impl fmt::Debug for Chaos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Chaos")
+            .field("backend", &self.backend)
             .field("seeds", &self.seeds)
             .field("first_seed", &self.first_seed)
             .field("faults", &self.faults)
@@ -163,12 +166,20 @@ impl Chaos {
     ) -> Self {
         Self {
             setup: Arc::new(setup),
+            backend: Backend::Sled,
             seeds: 100,
             first_seed: 0,
             faults: Faults::default(),
             identical: true,
             checks: Vec::new(),
         }
+    }
+
+    /// The storage engine every run uses. Default: [`Backend::Sled`]. Run a scenario once
+    /// per engine to check that your outcome does not depend on it.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// How many seeds to run. Default: 100 (or `KEYSTEAD_CHAOS_SEEDS`).
@@ -379,7 +390,11 @@ impl Chaos {
             out.push_str(line);
             out.push('\n');
         }
-        out.push_str(&format!("faults: {:?}\n", self.faults));
+        out.push_str(&format!(
+            "faults: {:?}; backend: {}\n",
+            self.faults,
+            self.backend.name()
+        ));
         if let Some(seed) = seed {
             out.push_str(&format!("replay: {}\n", replay_command(seed)));
         }
@@ -413,7 +428,7 @@ impl Chaos {
         );
         let clock = ManualClock::new(CLOCK_START_MS);
         let open = |trace: &[String]| {
-            (self.setup)(preset(dir.path(), clock.clone()), &ledger)
+            (self.setup)(preset(dir.path(), clock.clone(), self.backend), &ledger)
                 .open()
                 .map_err(|e| fail(format!("open failed: {e}"), trace))
         };
@@ -550,12 +565,13 @@ impl Chaos {
 }
 
 /// The builder every run starts from; see [`Chaos::new`].
-fn preset(dir: &Path, clock: ManualClock) -> RuntimeBuilder {
+fn preset(dir: &Path, clock: ManualClock, backend: Backend) -> RuntimeBuilder {
     let fast = RetryPolicy::default()
         .attempts_max(5)
         .backoff_initial(Duration::from_millis(1))
         .backoff_max(Duration::from_millis(8));
     Runtime::builder(dir)
+        .backend(backend)
         .shards(2)
         .retry(fast)
         .effect_retry(fast)

@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keystead::{Context, Entity, Failure, FailureKind, RetryPolicy, Runtime, RuntimeBuilder};
+use keystead::{
+    Backend, Context, Entity, Failure, FailureKind, RetryPolicy, Runtime, RuntimeBuilder,
+};
 use serde::{Deserialize, Serialize};
 
 /// The error of entities that never fail.
@@ -107,9 +109,97 @@ pub fn fast_retry(attempts: u32) -> RetryPolicy {
         .backoff_max(Duration::from_millis(4))
 }
 
+thread_local! {
+    static BACKEND: std::cell::Cell<Option<Backend>> = const { std::cell::Cell::new(None) };
+}
+
+/// Selects the storage engine for the tests on this thread (see `on_each_backend!`).
+pub fn set_backend(backend: Backend) {
+    BACKEND.with(|b| b.set(Some(backend)));
+}
+
+/// The engine under test: set by `on_each_backend!`, else `KEYSTEAD_TEST_BACKEND` (how a
+/// test hands it to the child processes it spawns), else sled.
+pub fn backend() -> Backend {
+    BACKEND.with(|b| b.get()).unwrap_or_else(|| {
+        match std::env::var("KEYSTEAD_TEST_BACKEND").as_deref() {
+            Ok("fjall") => Backend::Fjall,
+            _ => Backend::Sled,
+        }
+    })
+}
+
+/// Runs a test once per storage engine: `name::sled` and `name::fjall`. The contract does
+/// not depend on the engine, so every contract test is written once and run on both.
+#[macro_export]
+macro_rules! on_each_backend {
+    ($(#[$attr:meta])+ async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])+
+            async fn sled() {
+                $crate::common::set_backend(keystead::Backend::Sled);
+                $body
+            }
+            $(#[$attr])+
+            async fn fjall() {
+                $crate::common::set_backend(keystead::Backend::Fjall);
+                $body
+            }
+        }
+    };
+    ($(#[$attr:meta])+ fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$attr])+
+            fn sled() {
+                $crate::common::set_backend(keystead::Backend::Sled);
+                $body
+            }
+            $(#[$attr])+
+            fn fjall() {
+                $crate::common::set_backend(keystead::Backend::Fjall);
+                $body
+            }
+        }
+    };
+}
+
+/// Like `on_each_backend!`, but one test that runs the engines one after the other, for
+/// tests that share process-wide state (a gate, a captured-span buffer) and so must not run
+/// in parallel with themselves.
+#[macro_export]
+macro_rules! on_each_backend_in_turn {
+    ($(#[$attr:meta])+ async fn $name:ident() $body:block) => {
+        $(#[$attr])+
+        async fn $name() {
+            for backend in keystead::Backend::available() {
+                $crate::common::set_backend(backend);
+                async $body.await;
+            }
+        }
+    };
+    ($(#[$attr:meta])+ fn $name:ident() $body:block) => {
+        $(#[$attr])+
+        fn $name() {
+            for backend in keystead::Backend::available() {
+                $crate::common::set_backend(backend);
+                $body
+            }
+        }
+    };
+}
+
+/// `Runtime::builder` on the engine under test.
+pub fn runtime_builder(path: &Path) -> RuntimeBuilder {
+    Runtime::builder(path).backend(backend())
+}
+
 /// A builder with test-friendly settings and the tally entity registered.
 pub fn builder(path: &Path) -> RuntimeBuilder {
-    Runtime::builder(path)
+    runtime_builder(path)
         .shards(2)
         .retry(fast_retry(3))
         .register::<TallyEntity>()
@@ -148,6 +238,70 @@ pub fn inbox_key(entity: &str, key: &str, seq: u64) -> Vec<u8> {
     out[0] = b'I';
     out.extend_from_slice(&seq.to_be_bytes());
     out
+}
+
+/// Direct access to the stored bytes, to damage or inspect them.
+pub trait RawStore {
+    /// Writes one record.
+    fn put(&self, key: &[u8], value: &[u8]);
+    /// Removes one record; returns whether it was there.
+    fn remove(&self, key: &[u8]) -> bool;
+    /// Reads one record.
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
+    /// How many records start with `prefix`.
+    fn count_prefix(&self, prefix: &[u8]) -> usize;
+}
+
+impl RawStore for sled::Db {
+    fn put(&self, key: &[u8], value: &[u8]) {
+        self.insert(key, value).unwrap();
+    }
+    fn remove(&self, key: &[u8]) -> bool {
+        sled::Tree::remove(self, key).unwrap().is_some()
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        sled::Tree::get(self, key).unwrap().map(|v| v.to_vec())
+    }
+    fn count_prefix(&self, prefix: &[u8]) -> usize {
+        self.scan_prefix(prefix).count()
+    }
+}
+
+struct RawFjall(fjall::Database, fjall::Keyspace);
+
+impl RawStore for RawFjall {
+    fn put(&self, key: &[u8], value: &[u8]) {
+        self.1.insert(key, value).unwrap();
+    }
+    fn remove(&self, key: &[u8]) -> bool {
+        let was = self.1.get(key).unwrap().is_some();
+        self.1.remove(key).unwrap();
+        was
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.1.get(key).unwrap().map(|v| v.to_vec())
+    }
+    fn count_prefix(&self, prefix: &[u8]) -> usize {
+        self.1.prefix(prefix).count()
+    }
+}
+
+/// Opens the database directly with the engine under test, runs `f`, and returns once the
+/// engine has released the directory, so a runtime can open it right after.
+pub fn with_raw_store<T>(path: &Path, f: impl FnOnce(&dyn RawStore) -> T) -> T {
+    match backend() {
+        Backend::Fjall => {
+            let db = fjall::Database::builder(path).open().unwrap();
+            let keyspace = db
+                .keyspace("keystead", fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            let raw = RawFjall(db, keyspace);
+            let out = f(&raw);
+            raw.0.persist(fjall::PersistMode::SyncAll).unwrap();
+            out
+        }
+        _ => with_raw_sled(path, |db| f(db)),
+    }
 }
 
 /// Opens the database directly with sled (to damage or inspect stored bytes), runs `f`, and
