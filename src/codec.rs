@@ -16,8 +16,19 @@ use crate::error::DecodeError;
 /// The version byte that prefixes every stored value written by this release.
 pub const FORMAT_VERSION: u8 = 1;
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes one stored value may take, encoded, and may claim while it is decoded.
+/// A corrupt length prefix can claim any size; without this cap bincode would try to
+/// allocate it and abort the process (found by `tests/errors_arbitrary_bytes.rs`).
+pub(crate) const RECORD_BYTES_MAX: usize = 64 << 20;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<RECORD_BYTES_MAX>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<RECORD_BYTES_MAX>()
 }
 
 /// Encodes `value` as `[FORMAT_VERSION] ++ bincode(value)`.
@@ -30,6 +41,12 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String
     bytes.push(FORMAT_VERSION);
     bincode::serde::encode_into_std_write(value, &mut bytes, config())
         .map_err(|e| e.to_string())?;
+    if bytes.len() > RECORD_BYTES_MAX {
+        return Err(format!(
+            "the encoded value is {} bytes, over keystead's limit of {RECORD_BYTES_MAX} bytes per stored record; keep large data outside and store a reference",
+            bytes.len()
+        ));
+    }
     debug_assert_eq!(
         bytes[0], FORMAT_VERSION,
         "the version byte leads every record"
@@ -72,6 +89,21 @@ pub(crate) fn decode<T: DeserializeOwned>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Regression: a corrupt length prefix claiming exabytes made bincode abort the process
+    /// on allocation failure. It must be a `Malformed` error.
+    #[test]
+    fn a_huge_claimed_length_is_an_error_not_an_abort() {
+        let mut bytes = vec![FORMAT_VERSION];
+        // varint: 0xFD = the next 8 bytes hold a u64 length.
+        bytes.push(0xFD);
+        bytes.extend_from_slice(&0x3FF6_0000_0000_0000u64.to_le_bytes());
+        bytes.extend_from_slice(b"abc");
+        let err = decode::<String>("test", &bytes).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
+        let err = decode::<Vec<String>>("test", &bytes).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
+    }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Sample {

@@ -412,7 +412,7 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The largest encoded command `tell` accepts, in bytes. Default: 1 MiB.
+    /// The largest encoded command `tell` accepts, in bytes. Default: 1 MiB; at most 32 MiB.
     pub fn message_size_max(mut self, bytes: usize) -> Self {
         self.config.message_size_max = bytes;
         self
@@ -479,8 +479,13 @@ impl RuntimeBuilder {
         if self.batch_messages_max == 0 {
             return invalid("batch_messages_max", "must be at least 1");
         }
-        if self.config.message_size_max == 0 {
-            return invalid("message_size_max", "must be at least 1 byte");
+        if self.config.message_size_max == 0
+            || self.config.message_size_max > crate::codec::RECORD_BYTES_MAX / 2
+        {
+            return invalid(
+                "message_size_max",
+                "must be between 1 byte and 32 MiB (a stored record is at most 64 MiB)",
+            );
         }
         if self.config.passivate_after.is_zero() {
             return invalid("passivate_after", "must be longer than zero");
