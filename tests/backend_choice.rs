@@ -44,12 +44,7 @@ async fn the_wrong_backend_is_refused_with_both_names() {
         (Backend::Fjall, Backend::Sled),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        builder(dir.path())
-            .backend(created)
-            .open()
-            .unwrap()
-            .shutdown()
-            .await;
+        open_and_close(dir.path(), created).await;
         // Also without the record: the engine's own files give it away.
         for remove_record in [false, true] {
             if remove_record {
@@ -73,12 +68,16 @@ async fn the_wrong_backend_is_refused_with_both_names() {
             }
         }
         // The right engine still opens it, and records it again.
-        builder(dir.path())
-            .backend(created)
-            .open()
-            .unwrap()
-            .shutdown()
-            .await;
+        open_and_close(dir.path(), created).await;
         assert!(dir.path().join("keystead.backend").exists());
     }
+}
+
+async fn open_and_close(path: &std::path::Path, backend: Backend) {
+    builder(path)
+        .backend(backend)
+        .open()
+        .unwrap()
+        .shutdown()
+        .await;
 }
