@@ -67,6 +67,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Cargo features:
+//! - `fjall`: a second storage engine, chosen with
+//!   [`RuntimeBuilder::backend`]`(`[`Backend::Fjall`]`)`. Its flush is an `fdatasync`.
+//!   sled, the default, is always built.
+//! - `testkit`: the `testkit` module, a seeded chaos harness that runs your entities under
+//!   duplicated, reordered and restarted delivery (`docs/testkit.md`).
+//!
 //! See `docs/architecture.md` for the life of a message and where each guarantee is
 //! enforced.
 
