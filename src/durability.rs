@@ -17,12 +17,13 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Durability {
-    /// Acknowledge a write only once its batch is flushed to disk (sled's `flush`: it
-    /// survives a crash of the process; see `docs/architecture.md` for power loss). Batches
-    /// still form under load, and the next batch is applied while the previous one flushes.
+    /// Acknowledge a write only once its batch is flushed to disk (sled's `flush` survives a
+    /// crash of the process; fjall's `fdatasync` also a power loss on a drive that honours
+    /// it; see `docs/architecture.md`). Batches still form under load: the commits that
+    /// arrive during one flush make up the next batch.
     #[default]
     Sync,
-    /// Acknowledge a write once its batch is applied (in sled's memory and log buffers), and
+    /// Acknowledge a write once its batch is applied (in the engine's memory and log buffers), and
     /// flush in the background at most `flush_every` later. A crash can lose the writes
     /// acknowledged in the last `flush_every` (plus one flush): accepted `tell`s, applied
     /// changes, their dedup records (a resend with the same id then runs again) and their

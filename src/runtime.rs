@@ -444,7 +444,8 @@ impl RuntimeBuilder {
         self
     }
 
-    /// sled's page cache size in bytes. Default: 64 MiB.
+    /// The storage engine's cache size in bytes (sled's page cache, fjall's block cache).
+    /// Default: 64 MiB.
     pub fn cache_bytes(mut self, bytes: u64) -> Self {
         self.cache_bytes = bytes;
         self
@@ -853,7 +854,7 @@ fn purge_expired(inner: &Inner) -> Result<u64, StoreError> {
     Ok(removed)
 }
 
-/// A running keystead: entity actors on actix shards over one sled database.
+/// A running keystead: entity actors on actix shards over one database (sled by default).
 ///
 /// Open it with [`Runtime::builder`], talk to entities with [`Runtime::entity`], and close it
 /// with [`Runtime::shutdown`] (or drop it: accepted messages are safe in the inbox either

@@ -1,8 +1,8 @@
 //! The storage boundary. The runtime, the effects and the admin queries reach storage only
 //! through [`Store`]: point reads, ordered prefix scans, a compare-and-remove, and atomic
 //! writes of many records ([`Op`] lists) made durable by group commit. [`Engine`] is the
-//! few operations a storage engine must provide; `sled_engine` is the only module that
-//! names sled.
+//! few operations a storage engine must provide; `sled_engine` and `fjall_engine` are the
+//! only modules that name an engine's types.
 //!
 //! Reads go straight to the engine from the calling thread. Writes are handed to
 //! [`Store::commit`]; one committer thread applies every queued list in one atomic batch,
