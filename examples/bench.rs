@@ -803,7 +803,6 @@ fn plot(by_keys: &[(u64, Measured)], by_load: &[(f64, f64, Measured)]) -> String
         "distinct keys",
         "durable asks/s",
         max_rate,
-        "",
     );
     let points: Vec<String> = by_keys
         .iter()
@@ -847,7 +846,6 @@ fn plot(by_keys: &[(u64, Measured)], by_load: &[(f64, f64, Measured)]) -> String
         "offered load (asks/s)",
         "latency (ms)",
         max_us / 1000.0,
-        "",
     );
     for (color, pick) in [("seagreen", 0), ("firebrick", 1)] {
         let points: Vec<String> = by_load
@@ -895,7 +893,6 @@ fn axes(
     x_label: &str,
     y_label: &str,
     y_max: f64,
-    _unit: &str,
 ) {
     let (x0, y0, x1, yt) = (left + pad, h - pad, left + w - pad, pad);
     let _ = write!(
