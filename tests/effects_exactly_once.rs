@@ -265,6 +265,18 @@ fn with_all(path: &std::path::Path, provider: &Arc<Provider>) -> RuntimeBuilder 
         .async_executor::<AuditEntry>(Auditor(provider.clone()))
 }
 
+/// A runtime whose provider is down, with effects retried (almost) forever: an effect stays
+/// stuck until the test brings the provider back.
+fn with_provider_down(path: &std::path::Path) -> (Arc<Provider>, keystead::Runtime) {
+    let provider = Arc::new(Provider::default());
+    provider.down.store(true, Ordering::SeqCst);
+    let rt = with_all(path, &provider)
+        .effect_retry(effect_retry(100_000))
+        .open()
+        .unwrap();
+    (provider, rt)
+}
+
 fn charge_key(user: &str, message_id: &str) -> EffectKey {
     EffectKey::new("account", user, message_id, 0)
 }
@@ -455,12 +467,7 @@ on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_down_provider_never_blocks_the_entity_and_effects_catch_up_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let provider = Arc::new(Provider::default());
-    provider.down.store(true, Ordering::SeqCst);
-    let rt = with_all(dir.path(), &provider)
-        .effect_retry(effect_retry(100_000))
-        .open()
-        .unwrap();
+    let (provider, rt) = with_provider_down(dir.path());
     let user = rt.entity::<AccountEntity>("busy");
     user.ask(AccountCmd::Pay { order: "o1".into() })
         .id("pay-1")
@@ -638,12 +645,7 @@ on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn independent_effects_do_not_wait_behind_a_stuck_one() {
     let dir = tempfile::tempdir().unwrap();
-    let provider = Arc::new(Provider::default());
-    provider.down.store(true, Ordering::SeqCst);
-    let rt = with_all(dir.path(), &provider)
-        .effect_retry(effect_retry(100_000))
-        .open()
-        .unwrap();
+    let (provider, rt) = with_provider_down(dir.path());
     let user = rt.entity::<AccountEntity>("i");
     user.ask(AccountCmd::Pay { order: "o1".into() })
         .id("pay-1")
