@@ -363,12 +363,22 @@ impl Demo {
         });
     }
 
-    fn order_revision(&self, key: &str) -> Result<u64> {
-        Ok(self.rt.entity::<OrderEntity>(key).snapshot()?.revision)
+    async fn order_revision(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .rt
+            .entity::<OrderEntity>(key)
+            .snapshot()
+            .await?
+            .revision)
     }
 
-    fn customer_revision(&self, key: &str) -> Result<u64> {
-        Ok(self.rt.entity::<CustomerEntity>(key).snapshot()?.revision)
+    async fn customer_revision(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .rt
+            .entity::<CustomerEntity>(key)
+            .snapshot()
+            .await?
+            .revision)
     }
 
     async fn order(
@@ -380,7 +390,7 @@ impl Demo {
     ) -> Result<Outcome<Receipt, OrderError>> {
         let label = format!("{key} {cmd:?} [{id}]");
         let out = self.rt.entity::<OrderEntity>(key).ask(cmd).id(id).await?;
-        let rev = self.order_revision(key)?;
+        let rev = self.order_revision(key).await?;
         self.push(scenario, label, &out, rev);
         Ok(out)
     }
@@ -441,7 +451,7 @@ async fn main() -> Result<()> {
     );
     let (a, b) = (a?, b?);
     assert_eq!(a.reply(), b.reply(), "both clicks get the same receipt");
-    let rev = demo.order_revision("o-1001")?;
+    let rev = demo.order_revision("o-1001").await?;
     demo.push(
         "double-click Pay",
         "o-1001 Pay (click 1) [pay-o-1001]".into(),
@@ -486,7 +496,7 @@ async fn main() -> Result<()> {
         } => *revision,
         _ => 0,
     };
-    let rev = demo.customer_revision("c-alice")?;
+    let rev = demo.customer_revision("c-alice").await?;
     demo.push(
         "two tabs",
         "c-alice Create [create-alice]".into(),
@@ -498,7 +508,7 @@ async fn main() -> Result<()> {
         .id("tab-a-email")
         .expect_revision(seen)
         .await?;
-    let rev = demo.customer_revision("c-alice")?;
+    let rev = demo.customer_revision("c-alice").await?;
     demo.push(
         "two tabs",
         format!("c-alice SetEmail, tab A saw r{seen} [tab-a-email]"),
@@ -512,7 +522,7 @@ async fn main() -> Result<()> {
         .await
     {
         Ok(out) => {
-            let rev = demo.customer_revision("c-alice")?;
+            let rev = demo.customer_revision("c-alice").await?;
             demo.push(
                 "two tabs",
                 format!("c-alice SetPhone, tab B saw r{seen} [tab-b-phone]"),
@@ -521,7 +531,7 @@ async fn main() -> Result<()> {
             );
         }
         Err(e) => {
-            let rev = demo.customer_revision("c-alice")?;
+            let rev = demo.customer_revision("c-alice").await?;
             demo.push_error(
                 "two tabs",
                 format!("c-alice SetPhone, tab B saw r{seen} [tab-b-phone]"),
@@ -529,13 +539,13 @@ async fn main() -> Result<()> {
                 rev,
             );
             // Tab B reloads (sees tab A's email) and saves again: nothing silently lost.
-            let reloaded = alice.snapshot()?.revision;
+            let reloaded = alice.snapshot().await?.revision;
             let out = alice
                 .ask(CustomerCmd::SetPhone("+33 6 12 34 56 78".into()))
                 .id("tab-b-phone-retry")
                 .expect_revision(reloaded)
                 .await;
-            let rev = demo.customer_revision("c-alice")?;
+            let rev = demo.customer_revision("c-alice").await?;
             match out {
                 Ok(out) => demo.push(
                     "two tabs",
@@ -564,7 +574,7 @@ async fn main() -> Result<()> {
             .id(id)
             .version(seq)
             .await?;
-        let rev = demo.customer_revision("c-alice")?;
+        let rev = demo.customer_revision("c-alice").await?;
         demo.push(
             "late renew after cancel",
             format!("c-alice Subscription {what} v{seq} [{id}]"),
@@ -621,9 +631,9 @@ async fn main() -> Result<()> {
     println!("\nEffects (outbox -> provider, idempotency key = effect key):");
     let mut effects: Vec<EffectInfo> = Vec::new();
     for key in ["o-1001", "o-1002", "o-1003"] {
-        effects.extend(demo.rt.effects_of::<OrderEntity>(key)?);
+        effects.extend(demo.rt.effects_of::<OrderEntity>(key).await?);
     }
-    effects.extend(demo.rt.effects_of::<CustomerEntity>("c-alice")?);
+    effects.extend(demo.rt.effects_of::<CustomerEntity>("c-alice").await?);
     print_effects(&effects);
     println!(
         "Calls this run: payment provider {}, mailer {} (a second run makes none: nothing is charged or sent twice)",
@@ -633,16 +643,16 @@ async fn main() -> Result<()> {
 
     println!("\nFinal states (read back from sled):");
     for key in ["o-1001", "o-1002", "o-1003"] {
-        let s = demo.rt.entity::<OrderEntity>(key).snapshot()?;
+        let s = demo.rt.entity::<OrderEntity>(key).snapshot().await?;
         println!("  order {key}: r{} {:?}", s.revision, s.state);
     }
-    let s = alice.snapshot()?;
+    let s = alice.snapshot().await?;
     println!(
         "  customer c-alice: r{} v{:?} {:?}",
         s.revision, s.version, s.state
     );
     println!("\nDead letters (list / requeue / purge them through the Runtime API):");
-    for letter in demo.rt.dead_letters::<OrderEntity>()? {
+    for letter in demo.rt.dead_letters::<OrderEntity>().await? {
         println!(
             "  {} [{}]: {} after {} attempts",
             letter.key, letter.message_id, letter.error, letter.attempts

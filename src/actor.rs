@@ -518,9 +518,15 @@ impl<E: Entity> EntityActor<E> {
                     expected,
                     actual,
                 };
-                if let Some(reply) = work.reply.take() {
-                    let _ = reply.send(Err(error));
-                }
+                self.after_reads_durable(ctx, move |act, durable| {
+                    let answer = match durable {
+                        Ok(()) => error,
+                        Err(e) => act.submit_error(e),
+                    };
+                    if let Some(reply) = work.reply.take() {
+                        let _ = reply.send(Err(answer));
+                    }
+                });
             }
             verdict => {
                 let verdict = self.check_effects(verdict);
@@ -565,7 +571,16 @@ impl<E: Entity> EntityActor<E> {
                     _ => None,
                 };
                 if ops.is_empty() {
-                    return self.complete(work, next, outcome);
+                    // Nothing to commit (a duplicate answered from its dedup record): the
+                    // answer comes from reads, so it goes out once they are durable.
+                    return self.after_reads_durable(ctx, move |act, durable| match durable {
+                        Ok(()) => act.complete(work, next, outcome),
+                        Err(e) => {
+                            act.loaded = None;
+                            let error = act.submit_error(e);
+                            act.fail(work, error);
+                        }
+                    });
                 }
                 self.busy = true;
                 let commit = self.store.commit_with_seq(ops, outbox_seq);
@@ -590,6 +605,30 @@ impl<E: Entity> EntityActor<E> {
                 }));
             }
         }
+    }
+
+    /// Runs `then` once everything this actor has read is durable: at once when it is
+    /// (almost always), else after the flush under way, with the actor busy meanwhile so
+    /// that its messages stay in order. An answer that commits nothing (a duplicate's stored
+    /// reply, a conflict) is built from reads alone, and the committer applies a batch before
+    /// flushing it; without this wait such an answer could show a first run that a crash
+    /// then takes back. `then` gets the error when that flush never comes (the store is
+    /// poisoned or closed).
+    fn after_reads_durable(
+        &mut self,
+        ctx: &mut Context<Self>,
+        then: impl FnOnce(&mut Self, Result<(), StoreError>) + 'static,
+    ) {
+        if self.store.reads_are_durable() {
+            return then(self, Ok(()));
+        }
+        self.busy = true;
+        let durable = self.store.reads_durable();
+        ctx.spawn(durable.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            then(act, result);
+            act.pump(ctx);
+        }));
     }
 
     /// An applied message whose effects cannot run (no executor registered for them, an

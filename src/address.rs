@@ -183,7 +183,7 @@ impl<E: Entity> EntityRef<E> {
     /// let accepted = counter.tell(2).id("evt-1").version(1).await?; // on disk now
     /// assert_eq!(accepted.message_id, "evt-1");
     /// rt.idle().await; // processed in the background
-    /// assert_eq!(counter.snapshot()?.state, 2);
+    /// assert_eq!(counter.snapshot().await?.state, 2);
     /// # rt.shutdown().await; Ok(()) }
     /// ```
     pub fn tell(&self, command: E::Command) -> Tell<E> {
@@ -209,6 +209,12 @@ impl<E: Entity> EntityRef<E> {
 
     /// Reads the entity's committed state from the store (without activating its actor).
     ///
+    /// It shows only durable state: a change that a crash could still take back is not
+    /// shown, so what you read, and act on, survives a restart. (The read waits, at most for
+    /// the flush under way, when the latest writes are applied but not yet flushed.) With
+    /// [`Durability::Relaxed`](crate::Durability::Relaxed) it shows what was acknowledged,
+    /// which a crash can take back within the same loss window as the acknowledgement.
+    ///
     /// ```
     /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
     /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
@@ -227,9 +233,9 @@ impl<E: Entity> EntityRef<E> {
     /// # let dir = tempfile::tempdir()?;
     /// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
     /// let counter = rt.entity::<Counter>("c-1");
-    /// assert_eq!(counter.snapshot()?.revision, 0); // never written: the default state
+    /// assert_eq!(counter.snapshot().await?.revision, 0); // never written: the default state
     /// counter.ask(5).await?;
-    /// let snap = counter.snapshot()?;
+    /// let snap = counter.snapshot().await?;
     /// assert_eq!((snap.revision, snap.state), (1, 5));
     /// # rt.shutdown().await; Ok(()) }
     /// ```
@@ -237,16 +243,22 @@ impl<E: Entity> EntityRef<E> {
     /// # Errors
     /// [`SubmitError::Decode`] if the stored state does not decode as `E::State`;
     /// [`SubmitError::Storage`], [`SubmitError::Closed`], [`SubmitError::NotRegistered`].
-    pub fn snapshot(&self) -> Result<Snapshot<E::State>, SubmitError> {
+    pub async fn snapshot(&self) -> Result<Snapshot<E::State>, SubmitError> {
         let inner = self.runtime()?;
+        let storage = |source| SubmitError::Storage {
+            entity: E::NAME,
+            key: self.key.clone(),
+            source,
+        };
         let bytes = inner
             .store
             .get(&keys::state(E::NAME, &self.key))
-            .map_err(|source| SubmitError::Storage {
-                entity: E::NAME,
-                key: self.key.clone(),
-                source,
-            })?;
+            .map_err(storage)?;
+        // Show only what a crash cannot take back: the committer applies a batch before it
+        // flushes it, so the read may have seen a change that is not durable yet.
+        let durable = inner.store.reads_durable();
+        drop(inner);
+        durable.await.map_err(storage)?;
         let loaded = match bytes {
             None => Loaded::default(),
             Some(bytes) => {
@@ -294,11 +306,11 @@ impl<E: Entity> EntityRef<E> {
     /// let counter = rt.entity::<Counter>("c-1");
     /// let out = counter.ask(0).id("job-7").await?; // 0 always fails: retried, then dead-lettered
     /// assert_eq!(out.kind(), OutcomeKind::DeadLettered);
-    /// let letters = rt.dead_letters::<Counter>()?;
+    /// let letters = rt.dead_letters::<Counter>().await?;
     /// assert_eq!((letters[0].message_id.as_str(), letters[0].attempts), ("job-7", 2));
     /// assert!(counter.requeue("job-7").await?); // back in the inbox, same id, processed
     /// rt.idle().await;
-    /// assert_eq!(rt.dead_letters::<Counter>()?.len(), 1); // 0 always fails: dead again
+    /// assert_eq!(rt.dead_letters::<Counter>().await?.len(), 1); // 0 always fails: dead again
     /// assert!(counter.purge_dead_letter("job-7").await?);
     /// assert!(!counter.requeue("job-7").await?); // nothing left to requeue
     /// # rt.shutdown().await; Ok(()) }
@@ -344,7 +356,7 @@ impl<E: Entity> EntityRef<E> {
     /// assert!(counter.passivate().await?);
     /// assert_eq!(rt.stats().live_entities, 0);
     /// counter.ask(3).await?; // a fresh actor, state reloaded from disk
-    /// assert_eq!(counter.snapshot()?.state, 5);
+    /// assert_eq!(counter.snapshot().await?.state, 5);
     /// # rt.shutdown().await; Ok(()) }
     /// ```
     ///
@@ -373,6 +385,7 @@ impl<E: Entity> EntityRef<E> {
     ) -> Result<bool, AdminError> {
         let inner = self.runtime().map_err(|e| match e {
             SubmitError::NotRegistered { entity } => AdminError::NotRegistered { entity },
+            SubmitError::InvalidKey { entity, reason } => AdminError::InvalidKey { entity, reason },
             _ => AdminError::Closed,
         })?;
         let shard = inner.shard_index(E::NAME, &self.key);

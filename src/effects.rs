@@ -628,8 +628,15 @@ impl Effects {
             };
             record.info.attempts += 1;
             self.transition(&mut record, EffectStatus::Running, None);
-            self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
-                .await?;
+            // Durable in every mode before the effect runs: this batch follows the one that
+            // recorded the effect, so no effect of a change a crash takes back ever runs
+            // (in relaxed mode a plain commit completes before its flush).
+            let running = Op::Put(outbox_key.to_vec(), encode(&record)?);
+            if let Err(e) = self.store.commit_durable(vec![running]).await {
+                tracing::warn!(target: "keystead", error = %e,
+                    "cannot record that an effect starts; it stays in the outbox and runs later");
+                return Err(());
+            }
             span.record("attempt", record.info.attempts);
             let ctx = EffectContext {
                 key: record.info.effect_key.clone(),

@@ -177,6 +177,16 @@ pub enum OpenError {
         /// The engine this runtime was built with.
         requested: &'static str,
     },
+    /// The directory holds files but no keystead database: keystead creates its database
+    /// only in a new or empty directory, so that it never mistakes, or removes, what it
+    /// did not write.
+    #[error("the directory {path:?} is not empty ({found:?} is not keystead's) and holds no keystead database; give keystead a new or empty directory of its own")]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+        /// The first entry that is not keystead's.
+        found: String,
+    },
     /// The chosen storage engine is not compiled into this build.
     #[error(
         "the {backend} backend is not compiled in; enable keystead's `{feature}` cargo feature"
@@ -329,6 +339,14 @@ pub enum AdminError {
     NotRegistered {
         /// Entity type.
         entity: &'static str,
+    },
+    /// The entity key is empty or too long (the same rule as for `ask` and `tell`).
+    #[error("invalid key for {entity}: {reason}")]
+    InvalidKey {
+        /// Entity type.
+        entity: &'static str,
+        /// What is wrong with the key and what is accepted.
+        reason: String,
     },
     /// The store failed.
     #[error("{0}")]

@@ -62,7 +62,7 @@
 //! );
 //! let (a, b) = (a?, b?);
 //! assert_eq!(a.reply(), b.reply(), "both callers get the same receipt");
-//! assert_eq!(order.snapshot()?.revision, 1, "charged once");
+//! assert_eq!(order.snapshot().await?.revision, 1, "charged once");
 //! rt.shutdown().await;
 //! # Ok(()) }
 //! ```

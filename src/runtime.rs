@@ -960,16 +960,19 @@ impl Runtime {
         .await;
     }
 
-    /// Counts the inbox entries on disk: accepted messages not yet retired.
+    /// Counts the inbox entries on disk: accepted messages not yet retired. Like every
+    /// read of the runtime's records, it answers from durable data only (see
+    /// [`EntityRef::snapshot`]).
     ///
     /// # Errors
     /// [`AdminError::Storage`] if the store cannot be read.
-    pub fn inbox_len(&self) -> Result<u64, AdminError> {
+    pub async fn inbox_len(&self) -> Result<u64, AdminError> {
         let mut n = 0;
         for entry in self.inner.store.scan_prefix(&[Space::Inbox as u8])? {
             entry?;
             n += 1;
         }
+        self.inner.store.reads_durable().await?;
         Ok(n)
     }
 
@@ -978,7 +981,7 @@ impl Runtime {
     /// # Errors
     /// [`AdminError::NotRegistered`] if `E` is not registered; [`AdminError::Storage`] or
     /// [`AdminError::Decode`] if a record cannot be read.
-    pub fn dead_letters<E: Entity>(&self) -> Result<Vec<DeadLetter<E>>, AdminError> {
+    pub async fn dead_letters<E: Entity>(&self) -> Result<Vec<DeadLetter<E>>, AdminError> {
         if !self.inner.registered::<E>() {
             return Err(AdminError::NotRegistered { entity: E::NAME });
         }
@@ -989,6 +992,7 @@ impl Runtime {
             let (key, value) = entry?;
             letters.push(DeadLetter::<E>::from_stored(&key, &value)?);
         }
+        self.inner.store.reads_durable().await?;
         Ok(letters)
     }
 
@@ -996,32 +1000,39 @@ impl Runtime {
     ///
     /// # Errors
     /// [`AdminError::Storage`] if the store cannot be read.
-    pub fn effect(&self, key: &EffectKey) -> Result<Option<EffectInfo>, AdminError> {
+    pub async fn effect(&self, key: &EffectKey) -> Result<Option<EffectInfo>, AdminError> {
+        let mut found = None;
         for space in [Space::Outbox, Space::EffectHistory] {
             if let Some((_, record)) = effects::find(&self.inner.store, space, key)? {
-                return Ok(Some(record.info));
+                found = Some(record.info);
+                break;
             }
         }
-        Ok(None)
+        self.inner.store.reads_durable().await?;
+        Ok(found)
     }
 
     /// Every effect recorded by entity `key` of type `E`: unfinished ones first, in the order
     /// they were recorded, then finished ones.
     ///
     /// # Errors
-    /// [`AdminError::Storage`] if the store cannot be read.
-    pub fn effects_of<E: Entity>(&self, key: &str) -> Result<Vec<EffectInfo>, AdminError> {
-        if key.is_empty() || key.len() > ENTITY_KEY_LEN_MAX {
-            return Ok(Vec::new());
-        }
-        Ok(effects::of_entity(&self.inner.store, E::NAME, key)?)
+    /// [`AdminError::InvalidKey`] for an empty or over-long key; [`AdminError::Storage`] if
+    /// the store cannot be read.
+    pub async fn effects_of<E: Entity>(&self, key: &str) -> Result<Vec<EffectInfo>, AdminError> {
+        check_key(E::NAME, key).map_err(|e| match e {
+            SubmitError::InvalidKey { entity, reason } => AdminError::InvalidKey { entity, reason },
+            _ => AdminError::Closed,
+        })?;
+        let found = effects::of_entity(&self.inner.store, E::NAME, key)?;
+        self.inner.store.reads_durable().await?;
+        Ok(found)
     }
 
     /// Every dead-lettered effect, of every entity.
     ///
     /// # Errors
     /// [`AdminError::Storage`] if the store cannot be read.
-    pub fn effect_dead_letters(&self) -> Result<Vec<EffectInfo>, AdminError> {
+    pub async fn effect_dead_letters(&self) -> Result<Vec<EffectInfo>, AdminError> {
         let mut out = Vec::new();
         for entry in self
             .inner
@@ -1035,6 +1046,7 @@ impl Runtime {
                 }
             }
         }
+        self.inner.store.reads_durable().await?;
         Ok(out)
     }
 

@@ -27,7 +27,7 @@ async fn each_backend_keeps_what_it_acknowledged_across_a_reopen() {
             "{backend:?}"
         );
         assert_eq!(
-            e.snapshot().unwrap().state.applied,
+            e.snapshot().await.unwrap().state.applied,
             ["a", "b"],
             "{backend:?}"
         );

@@ -24,7 +24,7 @@ async fn errors_and_panics_leave_no_trace() {
             error: TallyError::Invalid
         }
     );
-    let snap = e.snapshot().unwrap();
+    let snap = e.snapshot().await.unwrap();
     assert_eq!(
         (snap.revision, snap.state.count),
         (1, 1),
@@ -40,7 +40,7 @@ async fn errors_and_panics_leave_no_trace() {
         .await
         .unwrap();
     assert_eq!(out.kind(), OutcomeKind::Applied);
-    let snap = e.snapshot().unwrap();
+    let snap = e.snapshot().await.unwrap();
     assert_eq!(
         snap.state.count, 2,
         "the panicked drafts never reached the state"
@@ -65,7 +65,7 @@ async fn a_processed_tell_is_retired_with_its_dedup_record_and_state() {
                 .unwrap();
         }
         rt.idle().await;
-        assert_eq!(rt.inbox_len().unwrap(), 0);
+        assert_eq!(rt.inbox_len().await.unwrap(), 0);
         for i in 0..200 {
             let e = rt.entity::<TallyEntity>(format!("k{}", i % 10));
             let again = e

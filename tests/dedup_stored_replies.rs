@@ -43,7 +43,7 @@ async fn fifty_concurrent_asks_with_one_id_apply_once() {
             replies.iter().all(|r| *r == 1),
             "50 identical replies: {replies:?}"
         );
-        let snap = order.snapshot().unwrap();
+        let snap = order.snapshot().await.unwrap();
         assert_eq!(snap.state.count, 1, "charged once");
         assert_eq!(snap.revision, 1);
     }
@@ -83,7 +83,7 @@ async fn ids_are_scoped_per_entity_key_and_survive_restart() {
             }
         }
     );
-    assert_eq!(a.snapshot().unwrap().state.count, 1);
+    assert_eq!(a.snapshot().await.unwrap().state.count, 1);
     rt.shutdown().await;
 }
 }
@@ -119,7 +119,7 @@ async fn records_expire_only_after_the_retention_window() {
     // An id that aged out is processed as new (documented behaviour).
     let reborn = e.ask(add("first")).id("m1").await.unwrap();
     assert_eq!(reborn.kind(), OutcomeKind::Applied);
-    assert_eq!(e.snapshot().unwrap().state.count, 3);
+    assert_eq!(e.snapshot().await.unwrap().state.count, 3);
     rt.shutdown().await;
 }
 }

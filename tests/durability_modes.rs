@@ -50,7 +50,7 @@ async fn relaxed_mode_loses_nothing_on_a_clean_shutdown() {
     for k in 0..KEYS {
         let snap = rt
             .entity::<TallyEntity>(format!("k{k}"))
-            .snapshot()
+            .snapshot().await
             .unwrap();
         let expected: Vec<String> = (0..PER_KEY).map(|i| format!("m{i}")).collect();
         assert_eq!(
@@ -58,7 +58,7 @@ async fn relaxed_mode_loses_nothing_on_a_clean_shutdown() {
             "k{k}: all kept, once, in order"
         );
     }
-    assert_eq!(rt.inbox_len().unwrap(), 0);
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
     rt.shutdown().await;
 }
 }

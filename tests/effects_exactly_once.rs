@@ -339,7 +339,7 @@ async fn seed_races_charge_once_and_welcome_once_for_200_users() {
         );
         let state = rt
             .entity::<AccountEntity>(user.as_str())
-            .snapshot()
+            .snapshot().await
             .unwrap()
             .state;
         assert_eq!(
@@ -348,7 +348,7 @@ async fn seed_races_charge_once_and_welcome_once_for_200_users() {
             "feedback applied once"
         );
         assert_eq!(
-            rt.effect(&charge).unwrap().unwrap().status,
+            rt.effect(&charge).await.unwrap().unwrap().status,
             EffectStatus::Done
         );
     }
@@ -391,7 +391,7 @@ async fn a_crash_between_commit_and_execution_runs_the_effect_after_reopen() {
     rt.idle().await;
     drop(release);
     assert_eq!(provider.calls(&charge_key("a", "pay-1")), 1);
-    let state = rt.entity::<AccountEntity>("a").snapshot().unwrap().state;
+    let state = rt.entity::<AccountEntity>("a").snapshot().await.unwrap().state;
     assert_eq!(state.captured.len(), 1);
     rt.shutdown().await;
 }
@@ -441,7 +441,7 @@ async fn a_crash_after_the_provider_call_repeats_it_with_the_same_key() {
             .recv_timeout(Duration::from_secs(30))
             .expect("the executor called the provider");
         assert_eq!(
-            rt.effect(&key).unwrap().unwrap().status,
+            rt.effect(&key).await.unwrap().unwrap().status,
             EffectStatus::Running
         );
         rt.close_now();
@@ -455,9 +455,9 @@ async fn a_crash_after_the_provider_call_repeats_it_with_the_same_key() {
         "the provider saw the same key twice"
     );
     assert_eq!(provider.performed_for("a").len(), 1, "and charged once");
-    let info = rt.effect(&key).unwrap().unwrap();
+    let info = rt.effect(&key).await.unwrap().unwrap();
     assert_eq!((info.status, info.attempts), (EffectStatus::Done, 2));
-    let state = rt.entity::<AccountEntity>("a").snapshot().unwrap().state;
+    let state = rt.entity::<AccountEntity>("a").snapshot().await.unwrap().state;
     assert_eq!(state.captured.len(), 1, "feedback applied once");
     rt.shutdown().await;
 }
@@ -492,7 +492,7 @@ async fn a_down_provider_never_blocks_the_entity_and_effects_catch_up_in_order()
         .unwrap();
     }
     assert_eq!(rt.stats().effects_done, 0, "nothing performed while down");
-    assert_eq!(user.snapshot().unwrap().state.notes, 20);
+    assert_eq!(user.snapshot().await.unwrap().state.notes, 20);
     provider.down.store(false, Ordering::SeqCst);
     rt.idle().await;
     let expected: Vec<String> = (1..=4)
@@ -503,7 +503,7 @@ async fn a_down_provider_never_blocks_the_entity_and_effects_catch_up_in_order()
         expected,
         "caught up in recorded order"
     );
-    assert_eq!(user.snapshot().unwrap().state.captured.len(), 4);
+    assert_eq!(user.snapshot().await.unwrap().state.captured.len(), 4);
     rt.shutdown().await;
 }
 }
@@ -555,11 +555,11 @@ async fn effects_of_messages_that_did_not_apply_never_run() {
         provider.performed_for("u"),
         vec![charge_key("u", "pay-1").to_string()]
     );
-    let recorded = rt.effects_of::<AccountEntity>("u").unwrap();
+    let recorded = rt.effects_of::<AccountEntity>("u").await.unwrap();
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     for id in ["pay-2", "pay-3", "pay-4"] {
         assert_eq!(provider.calls(&charge_key("u", id)), 0, "{id}");
-        assert!(rt.effect(&charge_key("u", id)).unwrap().is_none(), "{id}");
+        assert!(rt.effect(&charge_key("u", id)).await.unwrap().is_none(), "{id}");
     }
     rt.shutdown().await;
 }
@@ -598,7 +598,7 @@ async fn effect_failures_are_classified_and_dead_letters_can_be_requeued() {
     .await
     .unwrap();
     rt.idle().await;
-    let declined = rt.effect(&charge_key("f", "pay-bad")).unwrap().unwrap();
+    let declined = rt.effect(&charge_key("f", "pay-bad")).await.unwrap().unwrap();
     assert_eq!(
         (declined.status, declined.attempts),
         (EffectStatus::Failed, 1),
@@ -613,12 +613,12 @@ async fn effect_failures_are_classified_and_dead_letters_can_be_requeued() {
         .unwrap();
     rt.idle().await;
     let key = charge_key("f", "pay-2");
-    let dead = rt.effect(&key).unwrap().unwrap();
+    let dead = rt.effect(&key).await.unwrap().unwrap();
     assert_eq!(
         (dead.status, dead.attempts),
         (EffectStatus::DeadLettered, 3)
     );
-    assert_eq!(rt.effect_dead_letters().unwrap().len(), 1);
+    assert_eq!(rt.effect_dead_letters().await.unwrap().len(), 1);
     assert_eq!(rt.stats().effects_dead_lettered, 1);
 
     provider.down.store(false, Ordering::SeqCst);
@@ -628,15 +628,15 @@ async fn effect_failures_are_classified_and_dead_letters_can_be_requeued() {
         !rt.requeue_effect(&key).await.unwrap(),
         "nothing left to requeue"
     );
-    let done = rt.effect(&key).unwrap().unwrap();
+    let done = rt.effect(&key).await.unwrap().unwrap();
     assert_eq!(done.status, EffectStatus::Done);
     assert_eq!(
         provider.calls(&key),
         4,
         "3 failed attempts, then one after the requeue"
     );
-    assert!(rt.effect_dead_letters().unwrap().is_empty());
-    assert_eq!(user.snapshot().unwrap().state.captured.len(), 1);
+    assert!(rt.effect_dead_letters().await.unwrap().is_empty());
+    assert_eq!(user.snapshot().await.unwrap().state.captured.len(), 1);
     rt.shutdown().await;
 }
 }
@@ -665,7 +665,7 @@ async fn independent_effects_do_not_wait_behind_a_stuck_one() {
     );
     // The charge is still retrying (between attempts or in one), not done.
     let stuck = rt
-        .effect(&charge_key("i", "pay-1"))
+        .effect(&charge_key("i", "pay-1")).await
         .unwrap()
         .unwrap()
         .status;
@@ -681,7 +681,7 @@ async fn independent_effects_do_not_wait_behind_a_stuck_one() {
     provider.down.store(false, Ordering::SeqCst);
     rt.idle().await;
     assert_eq!(
-        rt.effect(&charge_key("i", "pay-1"))
+        rt.effect(&charge_key("i", "pay-1")).await
             .unwrap()
             .unwrap()
             .status,
@@ -714,7 +714,7 @@ async fn an_effect_without_an_executor_dead_letters_its_message() {
     }
     assert!(
         !rt.entity::<AccountEntity>("m")
-            .snapshot()
+            .snapshot().await
             .unwrap()
             .state
             .welcomed,
@@ -755,7 +755,7 @@ async fn a_panicking_executor_is_a_retryable_failure_of_that_effect() {
         .await
         .unwrap();
     rt.idle().await;
-    let info = rt.effect(&charge_key("p", "pay-1")).unwrap().unwrap();
+    let info = rt.effect(&charge_key("p", "pay-1")).await.unwrap().unwrap();
     assert_eq!((info.status, info.attempts), (EffectStatus::Done, 2));
     assert!(info.last_error.unwrap().contains("executor panicked"));
     assert_eq!(provider.calls(&charge_key("p", "pay-1")), 1);
@@ -796,7 +796,7 @@ async fn a_pending_effect_survives_a_reopen_followed_by_new_effects() {
             .await
             .unwrap();
         assert!(
-            rt.effect(&charge_key("s", "pay-1")).unwrap().is_some(),
+            rt.effect(&charge_key("s", "pay-1")).await.unwrap().is_some(),
             "the first effect is still recorded"
         );
         rt.close_now();
@@ -835,7 +835,7 @@ async fn finished_effects_leave_the_history_after_the_retention_window() {
         .unwrap();
     rt.idle().await;
     assert_eq!(
-        rt.effect(&charge_key("h", "pay-2"))
+        rt.effect(&charge_key("h", "pay-2")).await
             .unwrap()
             .unwrap()
             .status,
@@ -844,19 +844,19 @@ async fn finished_effects_leave_the_history_after_the_retention_window() {
     clock.advance(Duration::from_secs(60));
     rt.purge_expired_dedup().unwrap();
     assert!(
-        rt.effect(&charge_key("h", "pay-1")).unwrap().is_some(),
+        rt.effect(&charge_key("h", "pay-1")).await.unwrap().is_some(),
         "kept inside the window"
     );
     clock.advance(Duration::from_millis(1));
     let removed = rt.purge_expired_dedup().unwrap();
-    let left = rt.effect(&charge_key("h", "pay-1")).unwrap();
+    let left = rt.effect(&charge_key("h", "pay-1")).await.unwrap();
     assert!(
         left.is_none(),
         "done: purged after it ({removed} removed, now {}): {left:?}",
         keystead::Clock::now_ms(&clock)
     );
     assert!(
-        rt.effect(&charge_key("h", "pay-2")).unwrap().is_some(),
+        rt.effect(&charge_key("h", "pay-2")).await.unwrap().is_some(),
         "dead letters are kept"
     );
     rt.shutdown().await;

@@ -63,10 +63,10 @@ proptest! {
             }
             within(rt.idle()).await;
             // Undecodable inbox entries are dead-lettered, never left or lost.
-            assert_eq!(rt.inbox_len().unwrap(), 0);
-            let letters = rt.dead_letters::<TallyEntity>().unwrap();
+            assert_eq!(rt.inbox_len().await.unwrap(), 0);
+            let letters = rt.dead_letters::<TallyEntity>().await.unwrap();
             assert!(letters.len() <= inbox.len());
-            let applied = rt.entity::<TallyEntity>("inbox-bad").snapshot().unwrap().revision;
+            let applied = rt.entity::<TallyEntity>("inbox-bad").snapshot().await.unwrap().revision;
             assert_eq!(letters.len() as u64 + applied, inbox.len() as u64, "each entry ended one way");
             // A healthy key is unaffected.
             let good = within(rt.entity::<TallyEntity>("good").ask(add("ok"))).await.unwrap();

@@ -78,7 +78,7 @@ async fn exhausted_retries_dead_letter_with_the_last_error() {
             attempts: 3
         }
     );
-    let letters = rt.dead_letters::<TallyEntity>().unwrap();
+    let letters = rt.dead_letters::<TallyEntity>().await.unwrap();
     assert_eq!(letters.len(), 1);
     let letter = &letters[0];
     assert_eq!(
@@ -105,7 +105,7 @@ async fn exhausted_retries_dead_letter_with_the_last_error() {
         !e.purge_dead_letter("doomed").await.unwrap(),
         "already purged"
     );
-    assert!(rt.dead_letters::<TallyEntity>().unwrap().is_empty());
+    assert!(rt.dead_letters::<TallyEntity>().await.unwrap().is_empty());
     rt.shutdown().await;
 }
 }
@@ -157,8 +157,8 @@ async fn requeue_keeps_the_id_and_twice_applies_once() {
     );
     e.tell(()).id("job-2").await.unwrap();
     rt.idle().await;
-    assert_eq!(rt.dead_letters::<Sync>().unwrap().len(), 2);
-    assert_eq!(rt.inbox_len().unwrap(), 0);
+    assert_eq!(rt.dead_letters::<Sync>().await.unwrap().len(), 2);
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
 
     UPSTREAM_UP.store(true, Ordering::SeqCst);
     for id in ["job-1", "job-2"] {
@@ -175,11 +175,11 @@ async fn requeue_keeps_the_id_and_twice_applies_once() {
     }
     rt.idle().await;
     assert_eq!(
-        e.snapshot().unwrap().state,
+        e.snapshot().await.unwrap().state,
         2,
         "each requeued message applied once"
     );
-    assert!(rt.dead_letters::<Sync>().unwrap().is_empty());
+    assert!(rt.dead_letters::<Sync>().await.unwrap().is_empty());
     // The id kept its identity: resending it now is a duplicate of the applied run.
     let again = e.ask(()).id("job-1").await.unwrap();
     assert!(
@@ -232,7 +232,7 @@ async fn a_panicking_entity_does_not_disturb_the_others() {
     assert_eq!(rt.stats().handler_panics, 3);
     // The entity itself restarted from its last committed state and still works.
     assert_eq!(bad.ask(add("fine")).await.unwrap().reply(), Some(&1));
-    assert_eq!(bad.snapshot().unwrap().state.count, 1);
+    assert_eq!(bad.snapshot().await.unwrap().state.count, 1);
     rt.shutdown().await;
 }
 }

@@ -81,7 +81,7 @@ async fn accepted_messages_survive_a_drop_and_run_once_after_reopen() {
             s.await.unwrap();
         }
         // Every acknowledged message is on disk; none has been applied.
-        assert_eq!(rt.inbox_len().unwrap(), (KEYS * PER_KEY) as u64);
+        assert_eq!(rt.inbox_len().await.unwrap(), (KEYS * PER_KEY) as u64);
         assert_eq!(rt.stats().applied, 0);
         rt.close_now(); // as abrupt as a drop: nothing is drained
     }
@@ -93,9 +93,9 @@ async fn accepted_messages_survive_a_drop_and_run_once_after_reopen() {
     GATE_OPEN.store(true, Ordering::SeqCst);
     let rt = gated(dir.path()).open().unwrap();
     rt.idle().await;
-    assert_eq!(rt.inbox_len().unwrap(), 0);
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
     for k in 0..KEYS {
-        let snap = rt.entity::<Gated>(format!("g{k}")).snapshot().unwrap();
+        let snap = rt.entity::<Gated>(format!("g{k}")).snapshot().await.unwrap();
         assert_eq!(snap.state.count, PER_KEY as u64, "g{k}");
         let distinct: HashSet<_> = snap.state.applied.iter().collect();
         assert_eq!(distinct.len(), PER_KEY, "nothing applied twice at g{k}");
@@ -139,11 +139,11 @@ async fn dropping_mid_processing_loses_nothing_and_applies_nothing_twice() {
             rt.stats().inbox_pending
         );
         rt.idle().await;
-        assert_eq!(rt.inbox_len().unwrap(), 0, "round {round}");
+        assert_eq!(rt.inbox_len().await.unwrap(), 0, "round {round}");
         for k in 0..KEYS {
             let snap = rt
                 .entity::<TallyEntity>(format!("k{k}"))
-                .snapshot()
+                .snapshot().await
                 .unwrap();
             assert_eq!(snap.state.count, PER_KEY as u64, "round {round} key k{k}");
             let expected: Vec<String> = (0..PER_KEY).map(|i| format!("m{i}")).collect();
@@ -179,7 +179,7 @@ async fn an_ask_reply_means_the_change_is_on_disk() {
     for i in 0..100 {
         assert_eq!(
             rt.entity::<TallyEntity>(format!("k{i}"))
-                .snapshot()
+                .snapshot().await
                 .unwrap()
                 .revision,
             1

@@ -45,7 +45,7 @@ async fn thousand_keys_twenty_messages_eight_senders() {
     for k in 0..KEYS {
         let snap = rt
             .entity::<TallyEntity>(format!("k{k}"))
-            .snapshot()
+            .snapshot().await
             .unwrap();
         assert_eq!(snap.state.count, PER_KEY as u64, "key k{k}");
         assert_eq!(snap.revision, PER_KEY as u64, "key k{k}");
@@ -140,8 +140,8 @@ async fn different_shards_run_handlers_at_the_same_time() {
         assert_eq!(a.unwrap().kind(), OutcomeKind::Applied, "round {round}");
         assert_eq!(b.unwrap().kind(), OutcomeKind::Applied, "round {round}");
     }
-    assert_eq!(l.snapshot().unwrap().state, 50);
-    assert_eq!(r.snapshot().unwrap().state, 50);
+    assert_eq!(l.snapshot().await.unwrap().state, 50);
+    assert_eq!(r.snapshot().await.unwrap().state, 50);
     rt.shutdown().await;
 }
 }

@@ -89,11 +89,11 @@ async fn passivation_racing_with_new_messages_loses_nothing() {
     for k in 0..KEYS {
         let snap = rt
             .entity::<TallyEntity>(format!("hot-{k}"))
-            .snapshot()
+            .snapshot().await
             .unwrap();
         assert_eq!(snap.state.count, (SENDERS * ROUNDS) as u64, "hot-{k}");
     }
-    assert_eq!(rt.inbox_len().unwrap(), 0);
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
     let stats = rt.stats();
     assert!(
         stats.passivations > KEYS as u64,
@@ -128,7 +128,7 @@ async fn passivate_on_demand_racing_with_messages_loses_nothing() {
         );
         stopped += 1;
     }
-    let snap = e.snapshot().unwrap();
+    let snap = e.snapshot().await.unwrap();
     assert_eq!(
         snap.state.count, ROUNDS,
         "each message applied exactly once"

@@ -14,7 +14,7 @@ async fn two_tabs_one_wins_the_other_reloads() {
     let rt = builder(dir.path()).open().unwrap();
     let profile = rt.entity::<TallyEntity>("profile-7");
     profile.ask(add("created")).await.unwrap();
-    let seen = profile.snapshot().unwrap().revision;
+    let seen = profile.snapshot().await.unwrap().revision;
 
     let tab1 = profile
         .ask(add("tab1: email"))
@@ -38,19 +38,19 @@ async fn two_tabs_one_wins_the_other_reloads() {
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(
-        profile.snapshot().unwrap().state.applied,
+        profile.snapshot().await.unwrap().state.applied,
         vec!["created", "tab1: email"]
     );
 
     // Tab 2 reloads and saves again: nothing is silently lost.
-    let reloaded = profile.snapshot().unwrap().revision;
+    let reloaded = profile.snapshot().await.unwrap().revision;
     profile
         .ask(add("tab2: phone"))
         .expect_revision(reloaded)
         .await
         .unwrap();
     assert_eq!(
-        profile.snapshot().unwrap().state.applied,
+        profile.snapshot().await.unwrap().state.applied,
         vec!["created", "tab1: email", "tab2: phone"]
     );
     rt.shutdown().await;
@@ -86,7 +86,7 @@ async fn concurrent_saves_from_one_revision_exactly_one_wins() {
             }
         }
         assert_eq!((wins, conflicts), (1, 19), "round {round}");
-        assert_eq!(doc.snapshot().unwrap().revision, 1);
+        assert_eq!(doc.snapshot().await.unwrap().revision, 1);
     }
     assert_eq!(rt.stats().conflicts, 20 * 19);
     rt.shutdown().await;

@@ -21,7 +21,7 @@ async fn late_renew_after_cancel_is_dropped_and_remembered() {
     let equal = sub.ask(add("again")).id("ev-3b").version(3).await.unwrap();
     assert_eq!(equal, Outcome::Stale { current: 3 }, "equal is not newer");
 
-    let snap = sub.snapshot().unwrap();
+    let snap = sub.snapshot().await.unwrap();
     assert_eq!(snap.state.applied, vec!["renew", "cancel"]);
     assert_eq!((snap.revision, snap.version), (2, Some(3)));
 
@@ -41,13 +41,13 @@ async fn late_renew_after_cancel_is_dropped_and_remembered() {
         .await
         .unwrap();
     rt.idle().await;
-    assert_eq!(rt.inbox_len().unwrap(), 0);
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
     assert_eq!(rt.stats().stale, 3);
-    assert_eq!(sub.snapshot().unwrap().revision, 2);
+    assert_eq!(sub.snapshot().await.unwrap().revision, 2);
 
     // Messages without a version are never stale, and keep the version.
     sub.ask(add("note")).await.unwrap();
-    let snap = sub.snapshot().unwrap();
+    let snap = sub.snapshot().await.unwrap();
     assert_eq!((snap.revision, snap.version), (3, Some(3)));
     rt.shutdown().await;
 }

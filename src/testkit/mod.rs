@@ -516,6 +516,7 @@ impl Chaos {
         // finished every effect.
         let inbox = rt
             .inbox_len()
+            .await
             .map_err(|e| fail(format!("cannot count the inbox: {e}"), &trace))?;
         if inbox != 0 {
             return Err(fail(
@@ -526,6 +527,7 @@ impl Chaos {
         let mut finals = Vec::new();
         for probe in &script.probes {
             let effects = (probe.effects)(&rt, &probe.key)
+                .await
                 .map_err(|e| fail(format!("cannot list effects: {e}"), &trace))?;
             if let Some(stuck) = effects.iter().find(|info| unfinished(info)) {
                 return Err(fail(
@@ -537,8 +539,10 @@ impl Chaos {
                 ));
             }
             let (debug, snapshot) = (probe.snapshot)(&rt, &probe.key)
+                .await
                 .map_err(|e| fail(format!("cannot read {}: {e}", probe.name()), &trace))?;
             let mut dead_letters = (probe.dead_letters)(&rt, &probe.key)
+                .await
                 .map_err(|e| fail(format!("cannot list dead letters: {e}"), &trace))?;
             dead_letters.sort();
             finals.push(Final {

@@ -17,6 +17,8 @@ use crate::outcome::Outcome;
 use crate::runtime::Runtime;
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// A read of the runtime's records, borrowing the runtime and the key.
+pub(crate) type ReadFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What one delivery produced.
 pub(crate) struct Observed {
@@ -57,14 +59,17 @@ pub(crate) struct Planned {
 /// A snapshot in words (for the picture) and typed (for [`Run::state`](super::Run::state)).
 pub(crate) type Snapshotted = (String, Box<dyn Any + Send>);
 
+/// A typed read of one entity's records, called without knowing its type.
+pub(crate) type ReadFn<T> = for<'a> fn(&'a Runtime, &'a str) -> ReadFuture<'a, T>;
+
 /// How to look at one entity (type and key) without knowing its type.
 pub(crate) struct Probe {
     pub entity: &'static str,
     pub key: String,
-    pub snapshot: fn(&Runtime, &str) -> Result<Snapshotted, SubmitError>,
+    pub snapshot: ReadFn<Result<Snapshotted, SubmitError>>,
     pub passivate: fn(&Runtime, &str) -> BoxFuture<Result<bool, AdminError>>,
-    pub dead_letters: fn(&Runtime, &str) -> Result<Vec<String>, AdminError>,
-    pub effects: fn(&Runtime, &str) -> Result<Vec<EffectInfo>, AdminError>,
+    pub dead_letters: ReadFn<Result<Vec<String>, AdminError>>,
+    pub effects: ReadFn<Result<Vec<EffectInfo>, AdminError>>,
 }
 
 impl Probe {
@@ -291,13 +296,18 @@ fn observe_ask<E: Entity>(result: Result<Outcome<E::Reply, E::Error>, SubmitErro
     }
 }
 
-fn snapshot_of<E: Entity>(rt: &Runtime, key: &str) -> Result<Snapshotted, SubmitError>
+fn snapshot_of<'a, E: Entity>(
+    rt: &'a Runtime,
+    key: &'a str,
+) -> ReadFuture<'a, Result<Snapshotted, SubmitError>>
 where
     E::State: fmt::Debug,
 {
-    let snapshot: Snapshot<E::State> = rt.entity::<E>(key).snapshot()?;
-    let picture = format!("{:?} at version {:?}", snapshot.state, snapshot.version);
-    Ok((picture, Box::new(snapshot)))
+    Box::pin(async move {
+        let snapshot: Snapshot<E::State> = rt.entity::<E>(key).snapshot().await?;
+        let picture = format!("{:?} at version {:?}", snapshot.state, snapshot.version);
+        Ok((picture, Box::new(snapshot) as Box<dyn std::any::Any + Send>))
+    })
 }
 
 fn passivate_of<E: Entity>(rt: &Runtime, key: &str) -> BoxFuture<Result<bool, AdminError>> {
@@ -305,17 +315,26 @@ fn passivate_of<E: Entity>(rt: &Runtime, key: &str) -> BoxFuture<Result<bool, Ad
     Box::pin(async move { entity.passivate().await })
 }
 
-fn dead_letters_of<E: Entity>(rt: &Runtime, key: &str) -> Result<Vec<String>, AdminError> {
-    Ok(rt
-        .dead_letters::<E>()?
-        .into_iter()
-        .filter(|letter| letter.key == key)
-        .map(|letter| letter.error)
-        .collect())
+fn dead_letters_of<'a, E: Entity>(
+    rt: &'a Runtime,
+    key: &'a str,
+) -> ReadFuture<'a, Result<Vec<String>, AdminError>> {
+    Box::pin(async move {
+        Ok(rt
+            .dead_letters::<E>()
+            .await?
+            .into_iter()
+            .filter(|letter| letter.key == key)
+            .map(|letter| letter.error)
+            .collect())
+    })
 }
 
-fn effects_of<E: Entity>(rt: &Runtime, key: &str) -> Result<Vec<EffectInfo>, AdminError> {
-    rt.effects_of::<E>(key)
+fn effects_of<'a, E: Entity>(
+    rt: &'a Runtime,
+    key: &'a str,
+) -> ReadFuture<'a, Result<Vec<EffectInfo>, AdminError>> {
+    Box::pin(rt.effects_of::<E>(key))
 }
 
 /// True for an effect that has not finished after the runtime went idle.
