@@ -1,14 +1,21 @@
 //! The crash torture harness, shared by `examples/crash_torture.rs` and
 //! `tests/crash_torture.rs`.
 //!
-//! A child process runs a workload on a real sled directory: concurrent `tell`s and `ask`s
-//! with ids and versions, resends of acknowledged ids, retryable failures, and one effect
-//! per applied message performed by a provider that honours idempotency keys. Every
-//! acknowledgement is appended to a side file and fsynced before the next send. The parent
-//! kills the child with SIGKILL at seeded random moments (some inside `Runtime::open`),
-//! restarts it on the same directory, and after the last kill drains and checks, from the
-//! data alone: nothing acknowledged lost, nothing applied twice, versions never regressed,
-//! no effect performed twice per effect key, the inbox empty, every record decodable.
+//! A child process runs a workload on a real directory (sled or fjall, sync or relaxed
+//! durability): concurrent `tell`s and `ask`s with ids and versions, resends of
+//! acknowledged ids, retryable failures, and one effect per applied message performed by a
+//! provider that honours idempotency keys. Every acknowledgement is appended to a side file
+//! (one `write`, which a SIGKILL cannot take back) before the next send, with the time it
+//! arrived. A reader task reads snapshots meanwhile and logs every revision it was shown.
+//! The parent kills the child with SIGKILL at seeded random moments (some inside
+//! `Runtime::open`), restarts it on the same directory, and after the last kill drains and
+//! checks, from the data alone: nothing acknowledged lost (in relaxed mode: how much was
+//! lost, and how long before the kill it had been acknowledged), nothing applied twice,
+//! versions never regressed, no snapshot showed a revision the restart took back, no
+//! effect performed twice per effect key or for a change that was lost, the inbox empty,
+//! every record decodable.
+//!
+//! [`fresh_open_torture`] kills children inside the very first open of new directories.
 
 #![allow(dead_code)]
 
@@ -35,6 +42,57 @@ pub const RUN_ENV: &str = "KEYSTEAD_TORTURE_RUN";
 pub const KEYS: u64 = 20;
 /// Concurrent senders in the child.
 pub const SENDERS: u64 = 8;
+/// The environment variable carrying the [`Mode`] to a child.
+pub const MODE_ENV: &str = "KEYSTEAD_TORTURE_MODE";
+/// Set in a child that must print `opening` just before it opens the runtime.
+pub const ANNOUNCE_ENV: &str = "KEYSTEAD_TORTURE_ANNOUNCE";
+
+/// The engine and the durability mode a torture runs with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mode {
+    pub backend: keystead::Backend,
+    pub durability: keystead::Durability,
+}
+
+impl Mode {
+    pub fn sync(backend: keystead::Backend) -> Self {
+        Self {
+            backend,
+            durability: keystead::Durability::Sync,
+        }
+    }
+
+    pub fn relaxed(backend: keystead::Backend, flush_every: Duration) -> Self {
+        Self {
+            backend,
+            durability: keystead::Durability::Relaxed { flush_every },
+        }
+    }
+
+    pub fn is_relaxed(self) -> bool {
+        self.durability.flush_every().is_some()
+    }
+
+    /// `sled`, `fjall`, `sled:relaxed:20` (flush every 20 ms).
+    pub fn to_env(self) -> String {
+        match self.durability.flush_every() {
+            None => self.backend.name().to_string(),
+            Some(every) => format!("{}:relaxed:{}", self.backend.name(), every.as_millis()),
+        }
+    }
+
+    pub fn from_env(text: &str) -> Self {
+        let mut parts = text.split(':');
+        let backend = match parts.next() {
+            Some("fjall") => keystead::Backend::Fjall,
+            _ => keystead::Backend::Sled,
+        };
+        match (parts.next(), parts.next().and_then(|ms| ms.parse().ok())) {
+            (Some("relaxed"), Some(ms)) => Self::relaxed(backend, Duration::from_millis(ms)),
+            _ => Self::sync(backend),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ledger {
@@ -84,7 +142,7 @@ impl Effect for Post {
 }
 
 /// A provider that honours idempotency keys: it performs a key once, appending it to its
-/// ledger file (fsynced), and absorbs repeats.
+/// ledger file (one `write`, which a SIGKILL cannot take back), and absorbs repeats.
 pub struct Provider {
     seen: Mutex<(HashSet<String>, File)>,
 }
@@ -113,7 +171,7 @@ impl Executor<Post> for Provider {
         if guard.0.contains(&key) {
             return Ok(None); // a repeat after a crash: absorbed by the key
         }
-        append_line(&mut guard.1, &key).map_err(EffectError::retryable)?;
+        append_line_unsynced(&mut guard.1, &key).map_err(EffectError::retryable)?;
         guard.0.insert(key);
         Ok(None)
     }
@@ -143,6 +201,21 @@ pub fn append_line(file: &mut File, line: &str) -> std::io::Result<()> {
     file.sync_data()
 }
 
+/// Appends one record as a single write. Once `write` returns, a SIGKILL cannot take the
+/// line back (it is in the kernel's page cache), so no fsync is needed against process
+/// crashes, and the record costs microseconds: the moment it logs stays close to the
+/// moment it records.
+pub fn append_line_unsynced(file: &mut File, line: &str) -> std::io::Result<()> {
+    file.write_all(format!("{line}\n").as_bytes())
+}
+
+/// Microseconds since the Unix epoch: comparable between the parent and its children.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Lines of a file; a torn last line (no newline: the process died mid-write) is dropped.
 pub fn read_lines(path: &Path) -> Vec<String> {
     let Ok(file) = File::open(path) else {
@@ -160,18 +233,10 @@ pub fn read_lines(path: &Path) -> Vec<String> {
     out
 }
 
-/// The engine the run uses: the one recorded in the database directory (`torture` records
-/// it before the first child starts), so parent and children agree without a flag.
-fn backend_of(dir: &Path) -> keystead::Backend {
-    match std::fs::read_to_string(dir.join("db").join("keystead.backend")).as_deref() {
-        Ok(name) if name.trim() == "fjall" => keystead::Backend::Fjall,
-        _ => keystead::Backend::Sled,
-    }
-}
-
-pub fn runtime(dir: &Path) -> Result<Runtime, keystead::OpenError> {
+pub fn runtime(dir: &Path, mode: Mode) -> Result<Runtime, keystead::OpenError> {
     Runtime::builder(dir.join("db"))
-        .backend(backend_of(dir))
+        .backend(mode.backend)
+        .durability(mode.durability)
         .shards(2)
         .retry(
             RetryPolicy::default()
@@ -199,8 +264,13 @@ fn splitmix(x: &mut u64) -> u64 {
 }
 
 /// Child mode: sends until killed (or `limit` messages per sender in drain runs: 0).
-pub async fn child(dir: &Path, run: u64, per_sender: u64) {
-    let rt = runtime(dir).expect("open");
+pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
+    if std::env::var(ANNOUNCE_ENV).is_ok() {
+        // The parent kills 0-10 ms after this line: inside the open that follows.
+        let mut out = std::io::stdout();
+        let _ = out.write_all(b"opening\n").and_then(|()| out.flush());
+    }
+    let rt = runtime(dir, mode).expect("open");
     let acks = Arc::new(Mutex::new(
         OpenOptions::new()
             .create(true)
@@ -236,16 +306,79 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64) {
                         e.tell(()).id(id.clone()).version(version).await.is_ok()
                     };
                     if ok {
+                        let at = unix_us();
                         let mut f = acks.lock().expect("acks lock");
-                        append_line(&mut f, &format!("k{k} {id}")).expect("ack write");
+                        append_line_unsynced(&mut f, &format!("k{k} {id} {at}"))
+                            .expect("ack write");
                         sent.push((k, id));
                     }
                 }
             })
         })
         .collect();
+    // The reader: logs every revision a snapshot showed it, before reading on. After the
+    // restart, no key may be below a revision logged here (unless the mode is relaxed,
+    // where reads show what was acknowledged).
+    let reader = (per_sender == u64::MAX).then(|| {
+        let refs: Vec<_> = (0..KEYS)
+            .map(|k| rt.entity::<LedgerEntity>(format!("k{k}")))
+            .collect();
+        let mut log = open_log(&dir.join("reads.log"));
+        tokio::spawn(async move {
+            let mut shown = vec![0u64; KEYS as usize];
+            loop {
+                for (k, e) in refs.iter().enumerate() {
+                    let Ok(snap) = e.snapshot().await else {
+                        return;
+                    };
+                    if snap.revision > shown[k] {
+                        shown[k] = snap.revision;
+                        append_line_unsynced(&mut log, &format!("k{k} {}", snap.revision))
+                            .expect("read log write");
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    });
+    // A hot key: one writer asks on k0 back to back, and a second reader polls k0 alone,
+    // so that reads keep landing between a batch's apply and its flush.
+    let hot = (per_sender == u64::MAX).then(|| {
+        let e = rt.entity::<LedgerEntity>("k0");
+        let acks = acks.clone();
+        let writer = tokio::spawn(async move {
+            for i in 0.. {
+                let id = format!("r{run}-hot-m{i}");
+                if e.ask(()).id(id.clone()).await.is_ok() {
+                    let at = unix_us();
+                    let mut f = acks.lock().expect("acks lock");
+                    append_line_unsynced(&mut f, &format!("k0 {id} {at}")).expect("ack write");
+                }
+            }
+        });
+        let e = rt.entity::<LedgerEntity>("k0");
+        let mut log = open_log(&dir.join("reads.log"));
+        let reader = tokio::spawn(async move {
+            let mut shown = 0;
+            while let Ok(snap) = e.snapshot().await {
+                if snap.revision > shown {
+                    shown = snap.revision;
+                    append_line_unsynced(&mut log, &format!("k0 {shown}")).expect("read log");
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        (writer, reader)
+    });
     for t in tasks {
         let _ = t.await;
+    }
+    if let Some(reader) = reader {
+        reader.abort();
+    }
+    if let Some((writer, reader)) = hot {
+        writer.abort();
+        reader.abort();
     }
     rt.idle().await;
     rt.shutdown().await;
@@ -254,6 +387,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64) {
 /// What the parent found.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Report {
+    pub mode: String,
     pub kills: u64,
     pub kills_early: u64,
     /// Children that exited with an error before being killed (e.g. a database that no
@@ -263,28 +397,42 @@ pub struct Report {
     pub applied: u64,
     pub duplicates_suppressed: u64,
     pub stale_dropped: u64,
+    /// Acknowledged, then gone after a restart: must be 0 in sync mode. In relaxed mode the
+    /// price of the loss window; each such id is sent again and must be applied once.
     pub lost: u64,
+    /// Relaxed mode: the longest time between a lost message's acknowledgement and the kill.
+    pub loss_window_ms_max: f64,
     pub double_applied: u64,
     pub version_regressions: u64,
+    /// Revisions a snapshot showed that the restart took back (sync mode: must be 0).
+    pub dirty_reads: u64,
+    /// Snapshot revisions logged by the readers.
+    pub reads_logged: u64,
     pub effects_missing: u64,
     pub effects_double_run: u64,
+    /// Effects performed for a change that is not in the state after the restart.
+    pub effects_of_lost_changes: u64,
     pub inbox_left: u64,
     pub seconds: f64,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
-        self.lost == 0
+        let relaxed = self.mode.contains("relaxed");
+        // Relaxed mode may lose its window, and shows what was acknowledged.
+        (relaxed || (self.lost == 0 && self.dirty_reads == 0))
             && self.child_failures == 0
             && self.double_applied == 0
             && self.version_regressions == 0
             && self.effects_missing == 0
             && self.effects_double_run == 0
+            && self.effects_of_lost_changes == 0
             && self.inbox_left == 0
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 14] = [
+        let rows: [(&str, String); 19] = [
+            ("mode", self.mode.clone()),
             ("kills (SIGKILL)", self.kills.to_string()),
             (
                 "  of which within 60 ms of start (inside open)",
@@ -302,45 +450,71 @@ impl Report {
                 self.stale_dropped.to_string(),
             ),
             (
-                "LOST (acknowledged, never processed)",
+                "LOST (acknowledged, gone after restart)",
                 self.lost.to_string(),
+            ),
+            (
+                "  longest ack-to-kill time of a lost one, ms",
+                format!("{:.1}", self.loss_window_ms_max),
             ),
             ("DOUBLE-APPLIED", self.double_applied.to_string()),
             ("version regressions", self.version_regressions.to_string()),
+            ("snapshot revisions logged", self.reads_logged.to_string()),
+            (
+                "DIRTY READS (shown, then taken back)",
+                self.dirty_reads.to_string(),
+            ),
             ("effects missing", self.effects_missing.to_string()),
             (
                 "EFFECTS DOUBLE-RUN (same key performed twice)",
                 self.effects_double_run.to_string(),
             ),
+            (
+                "EFFECTS OF LOST CHANGES",
+                self.effects_of_lost_changes.to_string(),
+            ),
             ("inbox entries left", self.inbox_left.to_string()),
             ("seconds", format!("{:.1}", self.seconds)),
         ];
-        println!("{:<48} {:>10}", "crash torture", "value");
-        println!("{}", "-".repeat(59));
+        println!("{:<48} {:>12}", "crash torture", "value");
+        println!("{}", "-".repeat(61));
         for (name, value) in rows {
-            println!("{name:<48} {value:>10}");
+            println!("{name:<48} {value:>12}");
         }
     }
 }
 
+/// How a child is started.
+pub struct Spawn<'a> {
+    pub dir: &'a Path,
+    pub run: u64,
+    /// Messages per sender; `u64::MAX` sends until killed, 0 only drains.
+    pub per_sender: u64,
+    pub mode: Mode,
+    /// Print `opening` on stdout (piped) just before opening.
+    pub announce: bool,
+}
+
+/// Starts a child.
+pub type Spawner<'a> = &'a dyn Fn(&Spawn<'_>) -> Child;
+
 /// Parent mode: `kills` cycles of spawn + SIGKILL at a seeded moment, then a drain run
-/// and the checks. `spawn` starts a child for run number `run` on `dir`.
+/// and the checks.
 pub async fn torture(
     dir: &Path,
     kills: u64,
     seed: u64,
     max_life: Duration,
-    spawn: &dyn Fn(&Path, u64, u64) -> Child,
-    backend: keystead::Backend,
+    spawn: Spawner<'_>,
+    mode: Mode,
 ) -> Report {
-    // Record the engine before the first child opens the directory (see `backend_of`).
-    let db = dir.join("db");
-    std::fs::create_dir_all(&db).expect("database directory");
-    std::fs::write(db.join("keystead.backend"), format!("{}\n", backend.name()))
-        .expect("record the engine");
     let started = Instant::now();
     let mut rng = seed;
-    let mut report = Report::default();
+    let mut report = Report {
+        mode: mode.to_env(),
+        ..Report::default()
+    };
+    let mut killed_at_us: HashMap<u64, u64> = HashMap::new();
     for run in 0..kills {
         let roll = splitmix(&mut rng);
         // A third of the kills land in the first 60 ms: inside Runtime::open.
@@ -349,7 +523,13 @@ pub async fn torture(
         } else {
             roll % (max_life.as_millis() as u64).max(1)
         };
-        let mut child = spawn(dir, run, u64::MAX);
+        let mut child = spawn(&Spawn {
+            dir,
+            run,
+            per_sender: u64::MAX,
+            mode,
+            announce: false,
+        });
         // The delay is the fault being injected (when to kill), not synchronisation.
         std::thread::sleep(Duration::from_millis(life_ms));
         if let Ok(Some(status)) = child.try_wait() {
@@ -359,6 +539,7 @@ pub async fn torture(
             }
         }
         let _ = child.kill();
+        killed_at_us.insert(run, unix_us());
         let _ = child.wait();
         report.kills += 1;
         if life_ms < 60 {
@@ -366,67 +547,141 @@ pub async fn torture(
         }
     }
     // A last, uninterrupted run drains everything (and sends nothing).
-    let status = spawn(dir, kills, 0).wait().expect("drain child");
+    let status = spawn(&Spawn {
+        dir,
+        run: kills,
+        per_sender: 0,
+        mode,
+        announce: false,
+    })
+    .wait()
+    .expect("drain child");
     assert!(status.success(), "the drain run failed: {status:?}");
-    verify(dir, &mut report).await;
+    verify(dir, mode, &killed_at_us, &mut report).await;
     report.seconds = started.elapsed().as_secs_f64();
     report
 }
 
-async fn verify(dir: &Path, report: &mut Report) {
-    let rt = runtime(dir).expect("open for verification");
-    rt.idle().await;
-    report.inbox_left = rt.inbox_len().expect("inbox");
-    let acked: Vec<(String, String)> = read_lines(&dir.join("acks.log"))
+/// Acknowledgements logged by the children: (key, id, microseconds since the epoch).
+fn acknowledgements(dir: &Path) -> Vec<(String, String, u64)> {
+    read_lines(&dir.join("acks.log"))
         .into_iter()
-        .filter_map(|l| {
-            l.split_once(' ')
-                .map(|(k, id)| (k.to_string(), id.to_string()))
+        .filter_map(|line| {
+            let mut parts = line.split(' ');
+            let (key, id) = (parts.next()?, parts.next()?);
+            let at = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+            Some((key.to_string(), id.to_string(), at))
         })
-        .collect();
-    report.acknowledged = acked.len() as u64;
-    let mut states: HashMap<String, Ledger> = HashMap::new();
+        .collect()
+}
+
+/// The run number in an id `r{run}-s{sender}-m{i}`.
+fn run_of(id: &str) -> Option<u64> {
+    id.strip_prefix('r')?.split('-').next()?.parse().ok()
+}
+
+async fn states(rt: &Runtime) -> HashMap<String, (u64, Ledger)> {
+    let mut out = HashMap::new();
     for k in 0..KEYS {
         let key = format!("k{k}");
         let snap = rt
             .entity::<LedgerEntity>(key.as_str())
             .snapshot()
+            .await
             .expect("state decodes");
-        report.version_regressions += snap.state.regressions;
-        let distinct: HashSet<&String> = snap.state.applied.iter().collect();
-        report.double_applied += (snap.state.applied.len() - distinct.len()) as u64;
-        states.insert(key, snap.state);
+        out.insert(key, (snap.revision, snap.state));
+    }
+    out
+}
+
+fn double_applied(states: &HashMap<String, (u64, Ledger)>) -> u64 {
+    states
+        .values()
+        .map(|(_, s)| {
+            let distinct: HashSet<&String> = s.applied.iter().collect();
+            (s.applied.len() - distinct.len()) as u64
+        })
+        .sum()
+}
+
+async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report: &mut Report) {
+    let rt = runtime(dir, mode).expect("open for verification");
+    rt.idle().await;
+    report.inbox_left = rt.inbox_len().await.expect("inbox");
+    let acked = acknowledgements(dir);
+    report.acknowledged = acked.len() as u64;
+    // Before anything is sent again: what survived the kills.
+    let before = states(&rt).await;
+    for (_, state) in before.values() {
+        report.version_regressions += state.regressions;
+    }
+    report.double_applied += double_applied(&before);
+    for line in read_lines(&dir.join("reads.log")) {
+        let Some((key, revision)) = line.split_once(' ') else {
+            continue;
+        };
+        let (Some((now, _)), Ok(shown)) = (before.get(key), revision.parse::<u64>()) else {
+            continue;
+        };
+        report.reads_logged += 1;
+        if shown > *now {
+            if !mode.is_relaxed() {
+                eprintln!("DIRTY READ: {key} was shown at revision {shown}, restarted at {now}");
+            }
+            report.dirty_reads += 1;
+        }
+    }
+    // Every effect performed so far belongs to a change that survived.
+    let performed = read_lines(&dir.join("provider.log"));
+    for effect_key in &performed {
+        let mut parts = effect_key.split('/');
+        let (Some(_), Some(key), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let survived = before
+            .get(key)
+            .is_some_and(|(_, s)| s.applied.iter().any(|a| a == id));
+        if !survived {
+            eprintln!("EFFECT OF A LOST CHANGE: {effect_key}");
+            report.effects_of_lost_changes += 1;
+        }
     }
     let mut seen_ack: HashSet<(String, String)> = HashSet::new();
-    for (key, id) in acked {
+    for (key, id, acked_at_us) in acked {
         if !seen_ack.insert((key.clone(), id.clone())) {
             report.duplicates_suppressed += 1; // a resend, acknowledged again
             continue;
         }
         // Resending with the same id returns the stored first outcome, or runs it if lost.
-        match rt
+        let outcome = rt
             .entity::<LedgerEntity>(key.as_str())
             .ask(())
             .id(id.clone())
-            .await
-        {
+            .await;
+        match outcome {
             Ok(Outcome::Duplicate {
                 first: Recorded::Applied { .. },
             }) => report.applied += 1,
             Ok(Outcome::Duplicate {
                 first: Recorded::Stale { .. },
             }) => report.stale_dropped += 1,
-            Ok(other) => {
-                eprintln!("LOST: {key} {id}: {other:?}");
+            other => {
+                if !mode.is_relaxed() {
+                    eprintln!("LOST: {key} {id}: {other:?}");
+                }
                 report.lost += 1;
-            }
-            Err(e) => {
-                eprintln!("LOST: {key} {id}: {e}");
-                report.lost += 1;
+                let killed = run_of(&id).and_then(|run| killed_at_us.get(&run));
+                if let Some(killed) = killed {
+                    let window_ms = killed.saturating_sub(acked_at_us) as f64 / 1000.0;
+                    report.loss_window_ms_max = report.loss_window_ms_max.max(window_ms);
+                }
             }
         }
     }
     rt.idle().await;
+    // After the resends: a lost id sent again is applied once, never twice.
+    let states = states(&rt).await;
+    report.double_applied += double_applied(&states);
     // Effects: every applied message's effect performed exactly once at the provider.
     let performed = read_lines(&dir.join("provider.log"));
     let mut counts: HashMap<String, u64> = HashMap::new();
@@ -434,18 +689,141 @@ async fn verify(dir: &Path, report: &mut Report) {
         *counts.entry(key).or_default() += 1;
     }
     report.effects_double_run = counts.values().filter(|n| **n > 1).count() as u64;
-    for (key, state) in &states {
+    for (key, (_, state)) in &states {
         for id in &state.applied {
             if !counts.contains_key(&format!("ledger/{key}/{id}/0")) {
                 let effect_key = keystead::EffectKey::new("ledger", key.as_str(), id.as_str(), 0);
-                eprintln!("EFFECT MISSING: {effect_key}: {:?}", rt.effect(&effect_key));
+                eprintln!(
+                    "EFFECT MISSING: {effect_key}: {:?}",
+                    rt.effect(&effect_key).await
+                );
                 report.effects_missing += 1;
             }
         }
     }
     rt.dead_letters::<LedgerEntity>()
+        .await
         .expect("dead letters decode");
     rt.shutdown().await;
+}
+
+/// What [`fresh_open_torture`] found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct FreshReport {
+    pub mode: String,
+    pub directories: u64,
+    pub kills: u64,
+    /// Kills that landed after the child announced its open (0-10 ms into it).
+    pub kills_announced: u64,
+    /// Directories that did not open again after the kills.
+    pub bricked: u64,
+    pub acknowledged: u64,
+    pub lost: u64,
+    pub seconds: f64,
+}
+
+impl FreshReport {
+    pub fn ok(&self) -> bool {
+        self.bricked == 0 && self.lost == 0
+    }
+
+    pub fn print(&self) {
+        println!(
+            "fresh-directory torture ({}): {} directories, {} kills ({} inside the first opens, 0-10 ms after `opening`), BRICKED {}, acknowledged {}, LOST {}, {:.1} s",
+            self.mode,
+            self.directories,
+            self.kills,
+            self.kills_announced,
+            self.bricked,
+            self.acknowledged,
+            self.lost,
+            self.seconds
+        );
+    }
+}
+
+/// Kills children inside the very first open of new directories: for each of
+/// `directories` new directories, 1 to 3 children in turn are SIGKILLed 0-10 ms (seeded,
+/// in microseconds) after they announce that they are opening it; then the directory must
+/// open again, here, with everything the children acknowledged in it.
+pub async fn fresh_open_torture(
+    base: &Path,
+    directories: u64,
+    seed: u64,
+    spawn: Spawner<'_>,
+    mode: Mode,
+) -> FreshReport {
+    let started = Instant::now();
+    let mut rng = seed;
+    let mut report = FreshReport {
+        mode: mode.to_env(),
+        directories,
+        ..FreshReport::default()
+    };
+    for d in 0..directories {
+        let dir = base.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).expect("work directory");
+        let kills = 1 + splitmix(&mut rng) % 3;
+        for run in 0..kills {
+            let delay_us = splitmix(&mut rng) % 10_000;
+            let mut child = spawn(&Spawn {
+                dir: &dir,
+                run,
+                per_sender: u64::MAX,
+                mode,
+                announce: true,
+            });
+            // Wait for the child's word that it is opening (or its end). Other lines (a
+            // test harness's own) come first; the pipe stays open until the child is dead.
+            let mut out = child.stdout.take().map(BufReader::new);
+            let announced = out.as_mut().is_some_and(|out| {
+                let mut line = String::new();
+                while out.read_line(&mut line).unwrap_or(0) > 0 {
+                    // After "test torture_child ... " when a test harness runs the child.
+                    if line.trim_end().ends_with("opening") {
+                        return true;
+                    }
+                    line.clear();
+                }
+                false
+            });
+            // The delay is the fault being injected (when to kill), not synchronisation.
+            std::thread::sleep(Duration::from_micros(delay_us));
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(out);
+            report.kills += 1;
+            if announced {
+                report.kills_announced += 1;
+            }
+        }
+        let rt = match runtime(&dir, mode) {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("BRICKED: {} after {kills} kill(s): {e}", dir.display());
+                report.bricked += 1;
+                continue;
+            }
+        };
+        // Accepted tells are processed from the inbox first; a resend is then a duplicate.
+        rt.idle().await;
+        for (key, id, _) in acknowledgements(&dir) {
+            report.acknowledged += 1;
+            let outcome = rt
+                .entity::<LedgerEntity>(key.as_str())
+                .ask(())
+                .id(id.clone())
+                .await;
+            if !matches!(outcome, Ok(Outcome::Duplicate { .. })) {
+                eprintln!("LOST: {} {key} {id}: {outcome:?}", dir.display());
+                report.lost += 1;
+            }
+        }
+        rt.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report
 }
 
 /// The directory to use: `--dir` or a fresh temporary one.
@@ -464,15 +842,23 @@ pub fn work_dir(arg: Option<PathBuf>) -> (PathBuf, Option<tempfile::TempDir>) {
 
 /// Spawns this executable in child mode with `args` prepended (the test harness needs
 /// its filter arguments).
-pub fn spawner(args: Vec<String>) -> impl Fn(&Path, u64, u64) -> Child {
-    move |dir, run, per_sender| {
-        Command::new(std::env::current_exe().expect("exe"))
+pub fn spawner(args: Vec<String>) -> impl Fn(&Spawn<'_>) -> Child {
+    move |spec| {
+        let mut command = Command::new(std::env::current_exe().expect("exe"));
+        command
             .args(&args)
-            .env(CHILD_ENV, dir)
-            .env(RUN_ENV, format!("{run}:{per_sender}"))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn child")
+            .env(CHILD_ENV, spec.dir)
+            .env(RUN_ENV, format!("{}:{}", spec.run, spec.per_sender))
+            .env(MODE_ENV, spec.mode.to_env())
+            .stdout(if spec.announce {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            });
+        if spec.announce {
+            command.env(ANNOUNCE_ENV, "1");
+        }
+        command.spawn().expect("spawn child")
     }
 }
 
@@ -485,7 +871,8 @@ pub fn run_child_if_asked() -> bool {
     let (run, per_sender) = spec.split_once(':').unwrap_or(("0", "0"));
     let run: u64 = run.parse().unwrap_or(0);
     let per_sender: u64 = per_sender.parse().unwrap_or(0);
+    let mode = Mode::from_env(&std::env::var(MODE_ENV).unwrap_or_default());
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
-    tokio.block_on(child(Path::new(&dir), run, per_sender));
+    tokio.block_on(child(Path::new(&dir), run, per_sender, mode));
     true
 }
