@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use keystead::{Context, DecodeError, Entity, OpenError, OutcomeKind, SubmitError};
+use keystead::{AdminError, Context, DecodeError, Entity, OpenError, OutcomeKind, SubmitError};
 
 on_each_backend! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,8 +53,8 @@ async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
         // A message accepted for the broken key is kept, not lost.
         bad.tell(add("kept")).id("kept-1").await.unwrap();
         rt.idle().await;
-        assert_eq!(rt.inbox_len().unwrap(), 1);
-        assert!(matches!(bad.snapshot(), Err(SubmitError::Decode { .. })));
+        assert_eq!(rt.inbox_len().await.unwrap(), 1);
+        assert!(matches!(bad.snapshot().await, Err(SubmitError::Decode { .. })));
         rt.shutdown().await;
     }
     // The operator repairs the record (here: resets it) ...
@@ -64,8 +64,8 @@ async fn a_corrupt_state_fails_its_key_only_and_stays_recoverable() {
     // ... and the kept message is processed at the next open.
     let rt = builder(dir.path()).open().unwrap();
     rt.idle().await;
-    assert_eq!(rt.inbox_len().unwrap(), 0);
-    let snap = rt.entity::<TallyEntity>("bad").snapshot().unwrap();
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
+    let snap = rt.entity::<TallyEntity>("bad").snapshot().await.unwrap();
     assert_eq!(snap.state.applied, vec!["kept"]);
     rt.shutdown().await;
 }
@@ -81,8 +81,8 @@ async fn an_undecodable_inbox_entry_is_dead_lettered_not_lost() {
     });
     let rt = builder(dir.path()).open().unwrap();
     rt.idle().await;
-    assert_eq!(rt.inbox_len().unwrap(), 0);
-    let letters = rt.dead_letters::<TallyEntity>().unwrap();
+    assert_eq!(rt.inbox_len().await.unwrap(), 0);
+    let letters = rt.dead_letters::<TallyEntity>().await.unwrap();
     assert_eq!(letters.len(), 1);
     assert!(letters[0].message_id.starts_with("undecodable-inbox-"));
     assert!(
@@ -185,7 +185,7 @@ async fn invalid_requests_get_typed_errors() {
         }) => assert!(size > 5000),
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert_eq!(rt.inbox_len().unwrap(), 0, "nothing refused was stored");
+    assert_eq!(rt.inbox_len().await.unwrap(), 0, "nothing refused was stored");
 
     let kept = rt.entity::<TallyEntity>("k");
     rt.shutdown().await;
@@ -261,4 +261,44 @@ fn a_partial_snapshot_left_by_a_killed_open_is_removed() {
     std::fs::write(&partial, b"half-written").unwrap();
     drop(builder(dir.path()).open().unwrap());
     assert!(!partial.exists());
+}
+
+/// Issue 10: admin calls on an empty or over-long key said "the runtime is closed" on an
+/// open runtime. They must name what is wrong with the key, as `ask` does, and change
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_on_invalid_keys_say_what_is_wrong_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = builder(dir.path()).open().unwrap();
+    let over_long = "k".repeat(keystead::ENTITY_KEY_LEN_MAX + 1);
+    for key in [String::new(), over_long] {
+        let e = rt.entity::<TallyEntity>(key.as_str());
+        let answers = [
+            ("passivate", e.passivate().await),
+            ("requeue", e.requeue("m1").await),
+            ("purge_dead_letter", e.purge_dead_letter("m1").await),
+            (
+                "effects_of",
+                rt.effects_of::<TallyEntity>(&key).await.map(|_| true),
+            ),
+        ];
+        for (call, answer) in answers {
+            match answer {
+                Err(
+                    err @ AdminError::InvalidKey {
+                        entity: "tally", ..
+                    },
+                ) => {
+                    let text = err.to_string();
+                    assert!(text.contains("key"), "{call}: {text}");
+                    assert!(!text.contains("closed"), "{call}: {text}");
+                }
+                other => panic!("{call} on a key of {} bytes: {other:?}", key.len()),
+            }
+        }
+    }
+    // The runtime was open all along, and still is.
+    rt.entity::<TallyEntity>("k").ask(add("x")).await.unwrap();
+    assert_eq!(rt.stats().live_entities, 1);
+    rt.shutdown().await;
 }

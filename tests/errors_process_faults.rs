@@ -223,7 +223,7 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
     tokio.block_on(async {
         let rt = builder(&path).open().unwrap();
         rt.idle().await;
-        let snap = rt.entity::<TallyEntity>("big").snapshot().unwrap();
+        let snap = rt.entity::<TallyEntity>("big").snapshot().await.unwrap();
         // Every acknowledged tell is applied; the refused one may or may not be (it was
         // never acknowledged), and nothing is applied twice.
         let count = snap.state.count;
@@ -239,7 +239,7 @@ fn a_full_disk_refuses_work_cleanly_and_recovers() {
             .collect();
         ids.dedup();
         assert_eq!(ids.len() as u64, count, "nothing applied twice");
-        assert_eq!(rt.inbox_len().unwrap(), 0);
+        assert_eq!(rt.inbox_len().await.unwrap(), 0);
         rt.shutdown().await;
     });
 }
@@ -287,7 +287,7 @@ fn a_read_only_disk_refuses_cleanly_and_recovers() {
         rt.idle().await;
         let e = rt.entity::<TallyEntity>("ro");
         assert_eq!(
-            e.snapshot().unwrap().state.count,
+            e.snapshot().await.unwrap().state.count,
             10,
             "everything acknowledged is there"
         );
@@ -297,5 +297,103 @@ fn a_read_only_disk_refuses_cleanly_and_recovers() {
         );
         rt.shutdown().await;
     });
+}
+}
+
+/// Run as a child process by `a_reply_whose_first_run_never_became_durable_is_no_duplicate`:
+/// asks with ids on the full disk at `KEYSTEAD_POISON_DB` until one is refused, then sends
+/// that id again and reads the entity. Prints what it saw and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_poison_then_resend() {
+    let Ok(path) = std::env::var("KEYSTEAD_POISON_DB") else {
+        return;
+    };
+    let rt = builder(std::path::Path::new(&path))
+        .message_size_max(1 << 20)
+        .open()
+        .unwrap();
+    let e = rt.entity::<TallyEntity>("big");
+    let mut refused = None;
+    for i in 0..400 {
+        let id = format!("m{i}");
+        if let Err(err) = e
+            .ask(add(format!("{i:06}-{}", "x".repeat(32 * 1024))))
+            .id(id.clone())
+            .await
+        {
+            refused = Some((id, err));
+            break;
+        }
+    }
+    let (id, err) = refused.expect("the disk never filled up");
+    println!("refused={id}: {err}");
+    // The refused ask may have been applied in memory before its flush failed: its dedup
+    // record is then readable, but it never became durable, so it must not be answered as
+    // a duplicate (the caller was told it failed), and no read may show it.
+    let again = e.ask(add("again")).id(id.clone()).await;
+    println!(
+        "resend={}",
+        match &again {
+            Ok(outcome) if outcome.is_duplicate() => "duplicate",
+            Ok(_) => "ok",
+            Err(SubmitError::Storage {
+                source: StoreError::Poisoned { .. },
+                ..
+            }) => "poisoned",
+            Err(_) => "other-error",
+        }
+    );
+    println!(
+        "snapshot={}",
+        match e.snapshot().await {
+            Ok(snap) => format!("revision {}", snap.revision),
+            Err(SubmitError::Storage {
+                source: StoreError::Poisoned { .. },
+                ..
+            }) => "poisoned".into(),
+            Err(other) => format!("error {other}"),
+        }
+    );
+    rt.close_now();
+}
+
+on_each_backend_in_turn! {
+/// Issue 10: on a full disk the committer applies a batch, then its flush fails. A resend
+/// of that batch's ask found the dedup record in memory and answered "duplicate" with a
+/// reply whose first run never became durable (and whose caller had been told it failed);
+/// a snapshot showed that state. Now both say the store is poisoned.
+#[test]
+fn a_reply_whose_first_run_never_became_durable_is_no_duplicate() {
+    let _serial = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    let disk = Tmpfs::mount("4m");
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_poison_then_resend", "--nocapture", "--test-threads=1"])
+        .env("KEYSTEAD_POISON_DB", disk.path.join("db"))
+        .env("KEYSTEAD_TEST_BACKEND", backend().name())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(
+        child.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let seen = |what: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(&format!("{what}=")).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("the child reports {what}:\n{stdout}"))
+    };
+    let refused = seen("refused");
+    eprintln!("{:?}: refused {refused}; resend {}; snapshot {}", backend(), seen("resend"), seen("snapshot"));
+    // Asks m0..m{n-1} were acknowledged (revision n); m{n} was refused.
+    let acknowledged: u64 = refused[1..refused.find(':').unwrap()].parse().unwrap();
+    let resend = seen("resend");
+    assert!(resend == "poisoned" || resend == "other-error", "the refused ask came back as {resend}:\n{stdout}");
+    let snapshot = seen("snapshot");
+    assert!(
+        snapshot == "poisoned" || snapshot.starts_with("error") || snapshot == format!("revision {acknowledged}"),
+        "a snapshot showed the refused ask: {snapshot} after {acknowledged} acknowledged:\n{stdout}"
+    );
 }
 }
