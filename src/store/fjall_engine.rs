@@ -19,6 +19,13 @@ pub(crate) const LAYOUT: &str = "keystead-fjall-1";
 /// The one keyspace keystead uses; its own keyspaces are key prefixes inside it.
 const KEYSPACE: &str = "keystead";
 
+/// The memtable size at which fjall seals the memtable, writes it out as a table and lets
+/// its journal go. Every open replays the journal written since: with fjall's default
+/// (64 MiB) a directory with 300,000 entities held a 97 MB journal that was never rotated
+/// and took a second to reopen (issue 10). fjall records this setting when the keyspace is
+/// created, so directories created before keep the default.
+const MEMTABLE_BYTES_MAX: u64 = 16 << 20;
+
 pub(crate) struct FjallEngine {
     /// `None` once closed.
     open: RwLock<Option<(Database, Keyspace)>>,
@@ -68,7 +75,9 @@ impl FjallEngine {
                 },
             })?;
         let keyspace = db
-            .keyspace(KEYSPACE, KeyspaceCreateOptions::default)
+            .keyspace(KEYSPACE, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES_MAX)
+            })
             .map_err(|e| OpenError::Store {
                 path: path.to_path_buf(),
                 source: store_error("open", e),
