@@ -209,6 +209,13 @@ pub fn append_line_unsynced(file: &mut File, line: &str) -> std::io::Result<()> 
     file.write_all(format!("{line}\n").as_bytes())
 }
 
+/// Logs an acknowledgement of `id` on `key`, with the time it arrived.
+fn log_ack(acks: &Mutex<File>, key: &str, id: &str) {
+    let at = unix_us();
+    let mut file = acks.lock().expect("acks lock");
+    append_line_unsynced(&mut file, &format!("{key} {id} {at}")).expect("ack write");
+}
+
 /// Microseconds since the Unix epoch: comparable between the parent and its children.
 pub fn unix_us() -> u64 {
     std::time::SystemTime::now()
@@ -306,10 +313,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                         e.tell(()).id(id.clone()).version(version).await.is_ok()
                     };
                     if ok {
-                        let at = unix_us();
-                        let mut f = acks.lock().expect("acks lock");
-                        append_line_unsynced(&mut f, &format!("k{k} {id} {at}"))
-                            .expect("ack write");
+                        log_ack(&acks, &format!("k{k}"), &id);
                         sent.push((k, id));
                     }
                 }
@@ -350,9 +354,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
             for i in 0.. {
                 let id = format!("r{run}-hot-m{i}");
                 if e.ask(()).id(id.clone()).await.is_ok() {
-                    let at = unix_us();
-                    let mut f = acks.lock().expect("acks lock");
-                    append_line_unsynced(&mut f, &format!("k0 {id} {at}")).expect("ack write");
+                    log_ack(&acks, "k0", &id);
                 }
             }
         });
