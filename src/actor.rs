@@ -22,7 +22,7 @@ use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
 use crate::keys::{self, Space};
 use crate::outcome::{OutcomeKind, Recorded};
 use crate::records::{DeadLetterRecord, DedupRecord, InboxRecord, Meta, StateRecord};
-use crate::retry::splitmix64;
+use crate::hash::{fnv1a, splitmix64};
 use crate::runtime::{Shared, Ticket};
 use crate::store::{Op, Store};
 use crate::supervisor::{Idle, Shard};
@@ -816,16 +816,6 @@ impl<E: Entity> EntityActor<E> {
             act.pump(ctx);
         }));
     }
-}
-
-/// FNV-1a, 64 bit: a stable hash for shard routing and jitter seeds.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
 }
 
 impl<E: Entity> Actor for EntityActor<E> {

@@ -30,7 +30,8 @@ use crate::entity::Entity;
 use crate::error::StoreError;
 use crate::keys::{self, Space};
 use crate::records::{InboxRecord, Meta};
-use crate::retry::{splitmix64, RetryPolicy};
+use crate::hash::{fnv1a, splitmix64};
+use crate::retry::RetryPolicy;
 use crate::runtime::{Inner, Shared};
 use crate::store::{Op, Store};
 use crate::telemetry::Stats;
@@ -697,7 +698,7 @@ impl Effects {
                         .await?;
                     Stats::bump(&self.shared.stats.effect_retries);
                     self.shared.stats.notify();
-                    let seed = splitmix64(crate::actor::fnv1a(
+                    let seed = splitmix64(fnv1a(
                         record.info.effect_key.to_string().as_bytes(),
                     ));
                     let delay = self.retry.backoff(record.info.attempts, seed);

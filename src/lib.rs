@@ -91,6 +91,7 @@ mod durability;
 mod effects;
 mod entity;
 mod error;
+mod hash;
 mod ids;
 mod keys;
 mod outcome;

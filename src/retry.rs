@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::hash::splitmix64;
+
 /// How retryable failures are retried.
 ///
 /// ```
@@ -87,14 +89,6 @@ impl RetryPolicy {
         };
         Duration::from_micros(step_us - half + jitter)
     }
-}
-
-/// A small, well-mixed hash (SplitMix64's finaliser).
-pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::actor::{fnv1a, Job};
+use crate::actor::Job;
+use crate::hash::fnv1a;
 use crate::address::EntityRef;
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
