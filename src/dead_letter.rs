@@ -1,11 +1,11 @@
 //! Dead letters: messages whose attempts ran out, kept with their last error so an operator
 //! can inspect, requeue (same id) or purge them.
 
-use crate::codec;
+use crate::core::codec;
+use crate::core::keys::{self, Space};
+use crate::core::records::DeadLetterRecord;
 use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError};
-use crate::keys::{self, Space};
-use crate::records::DeadLetterRecord;
 
 /// One dead letter of entity type `E`, as listed by
 /// [`Runtime::dead_letters`](crate::Runtime::dead_letters).

@@ -179,7 +179,7 @@ impl<'a> Context<'a> {
             origin: <T::Origin as Entity>::NAME,
             independent: T::INDEPENDENT,
             index,
-            payload: crate::codec::encode(&effect),
+            payload: crate::core::codec::encode(&effect),
         });
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::hash::splitmix64;
+use crate::core::hash::splitmix64;
 
 fn process_seed() -> u64 {
     static SEED: OnceLock<u64> = OnceLock::new();

@@ -80,26 +80,19 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod actor;
-mod address;
-mod apply;
 mod backend;
 mod clock;
-mod codec;
+mod core;
 mod dead_letter;
 mod durability;
 mod effects;
 mod entity;
 mod error;
-mod hash;
 mod ids;
-mod keys;
 mod outcome;
-mod records;
 mod retry;
 mod runtime;
 mod store;
-mod supervisor;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -109,10 +102,10 @@ pub mod testkit;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use address::{Accepted, Ask, EntityRef, Snapshot, Tell};
+pub use crate::core::codec::FORMAT_VERSION;
+pub use crate::core::keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
 pub use backend::Backend;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use codec::FORMAT_VERSION;
 pub use dead_letter::DeadLetter;
 pub use durability::Durability;
 pub use effects::{
@@ -121,8 +114,8 @@ pub use effects::{
 };
 pub use entity::{Context, Entity, Failure, FailureKind};
 pub use error::{AdminError, DecodeError, OpenError, StoreError, SubmitError};
-pub use keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
 pub use outcome::{Outcome, OutcomeKind, Recorded};
 pub use retry::RetryPolicy;
+pub use runtime::address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::RuntimeStats;

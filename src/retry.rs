@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::hash::splitmix64;
+use crate::core::hash::splitmix64;
 
 /// How retryable failures are retried.
 ///

@@ -26,9 +26,9 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::Backend;
+use crate::core::keys;
 use crate::durability::Durability;
 use crate::error::{OpenError, StoreError};
-use crate::keys;
 use crate::telemetry::StoreCounters;
 
 use sled_engine::SledEngine;

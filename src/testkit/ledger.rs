@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::core::hash::splitmix64;
 use crate::effects::{Effect, EffectContext, EffectError, Executor, Feedback};
-use crate::hash::splitmix64;
 
 /// One effect the outside world performed (once per effect key, however often it was
 /// called).

@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 
-use crate::hash::splitmix64;
+use crate::core::hash::splitmix64;
 
 /// Which faults a chaotic plan may use. Every fault is on by default.
 ///

@@ -4,10 +4,10 @@ use std::any::Any;
 use std::fmt;
 use std::fmt::Write as _;
 
-use crate::address::{Accepted, Snapshot};
 use crate::entity::Entity;
 use crate::error::SubmitError;
 use crate::outcome::Outcome;
+use crate::runtime::address::{Accepted, Snapshot};
 
 use super::ledger::Performed;
 

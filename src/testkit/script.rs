@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::address::Snapshot;
 use crate::effects::{EffectInfo, EffectStatus};
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
 use crate::outcome::Outcome;
+use crate::runtime::address::Snapshot;
 use crate::runtime::Runtime;
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -1,6 +1,10 @@
 //! The runtime: opening the store, starting the shards, recovering the inbox, admitting
 //! messages, and shutting down.
 
+pub(crate) mod actor;
+pub(crate) mod address;
+pub(crate) mod supervisor;
+
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,22 +18,22 @@ use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::actor::Job;
-use crate::hash::fnv1a;
-use crate::address::EntityRef;
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
-use crate::codec;
+use crate::core::codec;
+use crate::core::hash::fnv1a;
+use crate::core::keys::{self, Space, ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX};
+use crate::core::records::DedupStamp;
 use crate::dead_letter::DeadLetter;
 use crate::durability::Durability;
 use crate::effects::{self, AsyncExecutor, Effect, EffectInfo, EffectKey, Effects, Executor};
 use crate::entity::Entity;
 use crate::error::{AdminError, OpenError, StoreError, SubmitError};
-use crate::keys::{self, Space, ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX};
-use crate::records::DedupStamp;
 use crate::retry::RetryPolicy;
+use crate::runtime::actor::Job;
+use crate::runtime::address::EntityRef;
+use crate::runtime::supervisor::{Deliver, Shard};
 use crate::store::{Store, StoreConfig};
-use crate::supervisor::{Deliver, Shard};
 use crate::telemetry::{RuntimeStats, Stats};
 
 /// Settings fixed at open.
@@ -482,7 +486,7 @@ impl RuntimeBuilder {
             return invalid("batch_messages_max", "must be at least 1");
         }
         if self.config.message_size_max == 0
-            || self.config.message_size_max > crate::codec::RECORD_BYTES_MAX / 2
+            || self.config.message_size_max > crate::core::codec::RECORD_BYTES_MAX / 2
         {
             return invalid(
                 "message_size_max",

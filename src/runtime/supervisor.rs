@@ -15,10 +15,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::actor::{EntityActor, Forward, Job, Stop};
 use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::AdminError;
+use crate::runtime::actor::{EntityActor, Forward, Job, Stop};
 use crate::runtime::Shared;
 use crate::store::Store;
 

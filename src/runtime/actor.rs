@@ -1,5 +1,5 @@
 //! The entity actor: the one home of one entity. A thin actix shell around the pure core in
-//! [`apply`](crate::apply): load, dedup lookup, evaluate, commit, reply.
+//! [`apply`](crate::core::apply): load, dedup lookup, evaluate, commit, reply.
 //!
 //! The actor keeps its own queue of [`Job`]s and a `busy` flag. While a commit or a retry
 //! backoff is pending it is busy and starts nothing else, so an entity's messages are applied
@@ -14,18 +14,18 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::field::Empty;
 
-use crate::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
-use crate::codec;
+use crate::core::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
+use crate::core::codec;
+use crate::core::hash::{fnv1a, splitmix64};
+use crate::core::keys::{self, Space};
+use crate::core::records::{DeadLetterRecord, DedupRecord, InboxRecord, Meta, StateRecord};
 use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
-use crate::keys::{self, Space};
 use crate::outcome::{OutcomeKind, Recorded};
-use crate::records::{DeadLetterRecord, DedupRecord, InboxRecord, Meta, StateRecord};
-use crate::hash::{fnv1a, splitmix64};
+use crate::runtime::supervisor::{Idle, Shard};
 use crate::runtime::{Shared, Ticket};
 use crate::store::{Op, Store};
-use crate::supervisor::{Idle, Shard};
 use crate::telemetry::{field, Stats};
 
 /// Where the reply to an `ask` goes.

@@ -1,5 +1,5 @@
-//! The records keystead stores, one type per keyspace (see [`keys`](crate::keys) for where
-//! each lives). All are encoded with [`codec`](crate::codec), so each starts with the format
+//! The records keystead stores, one type per keyspace (see [`keys`](crate::core::keys) for where
+//! each lives). All are encoded with [`codec`](crate::core::codec), so each starts with the format
 //! version byte.
 
 use serde::{Deserialize, Serialize};
@@ -76,7 +76,7 @@ pub(crate) struct DeadLetterRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{decode, encode};
+    use crate::core::codec::{decode, encode};
 
     #[test]
     fn dedup_stamp_reads_any_dedup_record() {

@@ -25,12 +25,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::codec;
+use crate::core::codec;
+use crate::core::hash::{fnv1a, splitmix64};
+use crate::core::keys::{self, Space};
+use crate::core::records::{InboxRecord, Meta};
 use crate::entity::Entity;
 use crate::error::StoreError;
-use crate::keys::{self, Space};
-use crate::records::{InboxRecord, Meta};
-use crate::hash::{fnv1a, splitmix64};
 use crate::retry::RetryPolicy;
 use crate::runtime::{Inner, Shared};
 use crate::store::{Op, Store};
@@ -698,9 +698,7 @@ impl Effects {
                         .await?;
                     Stats::bump(&self.shared.stats.effect_retries);
                     self.shared.stats.notify();
-                    let seed = splitmix64(fnv1a(
-                        record.info.effect_key.to_string().as_bytes(),
-                    ));
+                    let seed = splitmix64(fnv1a(record.info.effect_key.to_string().as_bytes()));
                     let delay = self.retry.backoff(record.info.attempts, seed);
                     tracing::debug!(target: "keystead", parent: &span, error = %reason,
                         delay_us = delay.as_micros() as u64, "effect failed; will retry");

@@ -8,17 +8,17 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::oneshot;
 
-use crate::actor::{AdminAction, Job};
-use crate::apply::{Loaded, OutcomeOf};
-use crate::codec;
+use crate::core::apply::{Loaded, OutcomeOf};
+use crate::core::codec;
+use crate::core::keys::{self, MESSAGE_ID_LEN_MAX};
+use crate::core::records::{InboxRecord, Meta, StateRecord};
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
 use crate::ids;
-use crate::keys::{self, MESSAGE_ID_LEN_MAX};
-use crate::records::{InboxRecord, Meta, StateRecord};
+use crate::runtime::actor::{AdminAction, Job};
+use crate::runtime::supervisor::Deliver;
 use crate::runtime::{check_key, Inner, Ticket};
 use crate::store::Op;
-use crate::supervisor::Deliver;
 
 /// The address of one entity: type `E`, key `key`.
 ///

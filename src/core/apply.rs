@@ -1,6 +1,6 @@
 //! The pure core: what happens to one message, given the entity as committed, the dedup
 //! record for its id (if any), and the attempt number. No I/O, no actix, no clock reads:
-//! the shell ([`actor`](crate::actor)) does the lookups, calls [`evaluate`], commits
+//! the shell ([`actor`](crate::runtime::actor)) does the lookups, calls [`evaluate`], commits
 //! [`writes`], and replies.
 //!
 //! The checks run in a fixed order, and that order is the contract:
@@ -11,11 +11,11 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::codec;
+use crate::core::codec;
+use crate::core::keys;
+use crate::core::records::{DeadLetterRecord, DedupRecord, Meta, StateRecord};
 use crate::entity::{Context, Entity, Failure, FailureKind};
-use crate::keys;
 use crate::outcome::{Outcome, Recorded};
-use crate::records::{DeadLetterRecord, DedupRecord, Meta, StateRecord};
 use crate::store::Op;
 
 /// The stored result type of entity `E`.

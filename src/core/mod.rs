@@ -1,0 +1,15 @@
+//! The pure core: what a message does to an entity, as values. Nothing here names actix, a
+//! thread, a channel or the disk; the actor shell (`runtime`) and the store (`store`) call it.
+//!
+//! - [`apply`]: evaluate a message against an entity (dedup, version, revision, handler) and
+//!   turn the verdict into the writes of one atomic commit.
+//! - [`records`]: the records keystead stores, one type per keyspace.
+//! - [`keys`]: the key layout of those keyspaces.
+//! - [`codec`]: how records become bytes (a format byte, then bincode), with its limits.
+//! - [`hash`]: the stable hashes every layer shares.
+
+pub(crate) mod apply;
+pub(crate) mod codec;
+pub(crate) mod hash;
+pub(crate) mod keys;
+pub(crate) mod records;
