@@ -115,7 +115,7 @@ pub trait Entity: Send + 'static {
 /// ```
 #[derive(Debug)]
 pub struct Context<'a> {
-    pub(crate) effects: Vec<crate::effects::Recorded>,
+    pub(crate) effects: Vec<crate::core::effect::Recorded>,
     pub(crate) entity: &'static str,
     pub(crate) key: &'a str,
     pub(crate) message_id: &'a str,
@@ -174,7 +174,7 @@ impl<'a> Context<'a> {
     /// See [`Effect`](crate::Effect) for an example.
     pub fn effect<T: crate::Effect>(&mut self, effect: T) {
         let index = u32::try_from(self.effects.len()).unwrap_or(u32::MAX);
-        self.effects.push(crate::effects::Recorded {
+        self.effects.push(crate::core::effect::Recorded {
             name: T::NAME,
             origin: <T::Origin as Entity>::NAME,
             independent: T::INDEPENDENT,
@@ -183,3 +183,61 @@ impl<'a> Context<'a> {
         });
     }
 }
+
+/// A side effect a handler can record: an email to send, a card to charge, a call to make.
+///
+/// ```
+/// use keystead::{Context, Effect, EffectContext, EffectError, Entity, Executor, Failure, FailureKind};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct Charge { cents: u64 }
+///
+/// impl Effect for Charge {
+///     const NAME: &'static str = "charge";
+///     type Origin = Order; // the entity that records it and receives its feedback
+/// }
+///
+/// # #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+/// # #[error("paid")] struct Paid;
+/// # impl Failure for Paid { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// struct Order;
+/// impl Entity for Order {
+///     const NAME: &'static str = "order";
+///     type State = Option<String>; // the provider's reference, once captured
+///     type Command = OrderCmd;
+///     type Reply = ();
+///     type Error = Paid;
+///     fn handle(s: &mut Option<String>, cmd: &OrderCmd, ctx: &mut Context<'_>) -> Result<(), Paid> {
+///         match cmd {
+///             OrderCmd::Pay { cents } => ctx.effect(Charge { cents: *cents }),
+///             OrderCmd::Captured { provider_ref } => *s = Some(provider_ref.clone()),
+///         }
+///         Ok(())
+///     }
+/// }
+/// #[derive(Debug, Serialize, Deserialize)]
+/// enum OrderCmd { Pay { cents: u64 }, Captured { provider_ref: String } }
+///
+/// /// Calls the payment provider with the effect key as its idempotency key.
+/// struct Payments;
+/// impl Executor<Charge> for Payments {
+///     fn execute(&self, charge: &Charge, ctx: &EffectContext) -> Result<Option<OrderCmd>, EffectError> {
+///         let provider_ref = format!("ch_{}", ctx.effect_key()); // provider.charge(key, cents)
+///         Ok(Some(OrderCmd::Captured { provider_ref })) // fed back to the order, deduplicated
+///     }
+/// }
+/// ```
+pub trait Effect: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'static {
+    /// The stable name stored on disk (1 to 255 bytes; never rename it once data exists).
+    const NAME: &'static str;
+    /// Independent effects may run before earlier effects of the same entity finish.
+    /// Default: false, effects of one entity run in the order they were recorded.
+    const INDEPENDENT: bool = false;
+    /// The entity type that records this effect and receives its feedback.
+    type Origin: Entity;
+}
+
+/// What an executor may return as feedback: a command for the entity that recorded the
+/// effect, delivered durably with a message id derived from the effect key.
+pub type Feedback<T> = Option<<<T as Effect>::Origin as Entity>::Command>;

@@ -1,6 +1,6 @@
 //! The pure core: what happens to one message, given the entity as committed, the dedup
 //! record for its id (if any), and the attempt number. No I/O, no actix, no clock reads:
-//! the shell ([`actor`](crate::runtime::actor)) does the lookups, calls [`evaluate`], commits
+//! the shell (the entity actor, in `runtime`) does the lookups, calls [`evaluate`], commits
 //! [`writes`], and replies.
 //!
 //! The checks run in a fixed order, and that order is the contract:
@@ -13,10 +13,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::core::codec;
 use crate::core::keys;
+use crate::core::ops::Op;
 use crate::core::records::{DeadLetterRecord, DedupRecord, Meta, StateRecord};
 use crate::entity::{Context, Entity, Failure, FailureKind};
 use crate::outcome::{Outcome, Recorded};
-use crate::store::Op;
 
 /// The stored result type of entity `E`.
 pub(crate) type RecordedOf<E> = Recorded<<E as Entity>::Reply, <E as Entity>::Error>;
@@ -79,7 +79,7 @@ pub(crate) enum Verdict<E: Entity> {
     Applied {
         next: Loaded<E::State>,
         reply: E::Reply,
-        effects: Vec<crate::effects::Recorded>,
+        effects: Vec<crate::core::effect::Recorded>,
     },
     /// The handler failed permanently.
     Rejected { error: E::Error },
@@ -250,7 +250,7 @@ pub(crate) fn writes<E: Entity>(
             reply,
             effects,
         } => {
-            ops.extend(crate::effects::outbox_ops(
+            ops.extend(crate::core::effect::outbox_ops(
                 E::NAME,
                 key,
                 meta,

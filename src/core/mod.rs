@@ -7,9 +7,13 @@
 //! - [`keys`]: the key layout of those keyspaces.
 //! - [`codec`]: how records become bytes (a format byte, then bincode), with its limits.
 //! - [`hash`]: the stable hashes every layer shares.
+//! - [`effect`]: the pure record of an effect (identity, status moves, outbox record).
+//! - [`ops`]: one write of an atomic commit, as a value.
 
 pub(crate) mod apply;
 pub(crate) mod codec;
+pub(crate) mod effect;
 pub(crate) mod hash;
 pub(crate) mod keys;
+pub(crate) mod ops;
 pub(crate) mod records;

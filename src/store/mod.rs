@@ -27,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backend::Backend;
 use crate::core::keys;
+pub(crate) use crate::core::ops::Op;
 use crate::durability::Durability;
 use crate::error::{OpenError, StoreError};
 use crate::telemetry::StoreCounters;
@@ -66,15 +67,6 @@ const SEQ_HIGH_WATER: &str = "seq_high_water";
 
 /// A stored key and its value.
 pub(crate) type Entry = (Vec<u8>, Vec<u8>);
-
-/// One write in a commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Op {
-    /// Insert or overwrite.
-    Put(Vec<u8>, Vec<u8>),
-    /// Remove (a missing key is fine).
-    Delete(Vec<u8>),
-}
 
 /// A waiting commit's answer: the number of the batch that applied it.
 type Done = oneshot::Sender<Result<u64, StoreError>>;

@@ -1,0 +1,11 @@
+//! One write of an atomic commit, as a value: the core describes the writes, the store
+//! applies them.
+
+/// One write in a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Insert or overwrite.
+    Put(Vec<u8>, Vec<u8>),
+    /// Remove (a missing key is fine).
+    Delete(Vec<u8>),
+}
