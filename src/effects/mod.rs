@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -31,7 +31,7 @@ use crate::core::records::{InboxRecord, Meta};
 use crate::entity::Entity;
 use crate::error::StoreError;
 use crate::retry::RetryPolicy;
-use crate::runtime::{Inner, Shared};
+use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
 use crate::telemetry::Stats;
 
@@ -85,6 +85,10 @@ pub trait AsyncExecutor<T: Effect>: Send + Sync + 'static {
         ctx: EffectContext,
     ) -> impl Future<Output = Result<Feedback<T>, EffectError>> + Send;
 }
+
+/// Wakes entity (type, key) to read its inbox; false once the runtime is closing.
+pub(crate) type EntityWaker =
+    Arc<dyn Fn(String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
 type Outcome = Result<Option<Vec<u8>>, EffectError>;
 type Running = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -154,7 +158,9 @@ pub(crate) struct Effects {
     shared: Arc<Shared>,
     retry: RetryPolicy,
     running_max: Arc<Semaphore>,
-    inner: OnceLock<Weak<Inner>>,
+    /// Wakes an entity to read its inbox (feedback was delivered there); set by the runtime
+    /// once it is assembled, so the workers need not know the runtime's type.
+    waker: OnceLock<EntityWaker>,
     /// Active lanes; `true` when more work arrived while the lane was scanning.
     lanes: Mutex<HashMap<(String, String), bool>>,
     /// Independent effects being performed, by outbox key.
@@ -195,14 +201,14 @@ impl Effects {
             shared,
             retry,
             running_max: Arc::new(Semaphore::new(running_max)),
-            inner: OnceLock::new(),
+            waker: OnceLock::new(),
             lanes: Mutex::new(HashMap::new()),
             independent: Mutex::new(HashSet::new()),
         }))
     }
 
-    pub(crate) fn bind(&self, inner: Weak<Inner>) {
-        let _ = self.inner.set(inner);
+    pub(crate) fn bind(&self, waker: EntityWaker) {
+        let _ = self.waker.set(waker);
     }
 
     /// True when an executor is registered for effect `name` recorded by entity `origin`.
@@ -473,10 +479,10 @@ impl Effects {
     }
 
     async fn deliver_feedback(&self, key: &EffectKey) {
-        let Some(inner) = self.inner.get().and_then(Weak::upgrade) else {
+        let Some(waker) = self.waker.get() else {
             return;
         };
-        inner.wake_entity(&key.entity, &key.key).await;
+        waker(key.entity.clone(), key.key.clone()).await;
     }
 
     async fn commit(&self, ops: Vec<Op>) -> Result<(), ()> {

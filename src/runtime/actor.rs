@@ -23,65 +23,10 @@ use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
 use crate::outcome::{OutcomeKind, Recorded};
-use crate::runtime::supervisor::{Idle, Shard};
-use crate::runtime::{Shared, Ticket};
+use crate::runtime::mail::{AdminAction, AskReply, Forward, Idle, Job, Stop};
+use crate::runtime::shared::{Shared, Ticket};
 use crate::store::{Op, Store};
 use crate::telemetry::{field, Stats};
-
-/// Where the reply to an `ask` goes.
-pub(crate) type AskReply<E> = oneshot::Sender<Result<OutcomeOf<E>, SubmitError>>;
-
-/// An operator action on one entity's dead letters, serialised with its messages.
-#[derive(Debug)]
-pub(crate) enum AdminAction {
-    /// Move a dead letter back into the inbox, keeping its id.
-    Requeue,
-    /// Remove a dead letter.
-    Purge,
-}
-
-/// Work for an entity actor.
-pub(crate) enum Job<E: Entity> {
-    /// A command sent with `ask`; the reply goes back to the caller.
-    Ask {
-        meta: Meta,
-        command: E::Command,
-        expected_revision: Option<u64>,
-        /// The runtime generated the message id just now: no dedup record can exist for it.
-        fresh_id: bool,
-        reply: AskReply<E>,
-        ticket: Ticket,
-    },
-    /// Process this entity's inbox entries with a sequence up to `up_to`, oldest first.
-    Drain { up_to: u64, ticket: Ticket },
-    /// An operator action on the dead letter `message_id`; replies whether it existed.
-    Admin {
-        action: AdminAction,
-        message_id: String,
-        reply: oneshot::Sender<Result<bool, AdminError>>,
-        ticket: Ticket,
-    },
-    /// Passivate now if nothing else is queued; replies whether the actor stopped.
-    Passivate {
-        reply: oneshot::Sender<Result<bool, AdminError>>,
-        ticket: Ticket,
-    },
-}
-
-/// The actor's mail: a job routed by the shard.
-pub(crate) struct Forward<E: Entity>(pub Job<E>);
-
-impl<E: Entity> Message for Forward<E> {
-    type Result = ();
-}
-
-/// Sent by the shard once it has forgotten this actor: no more jobs will arrive.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Stop {
-    /// Told `true` once the actor has stopped (for `EntityRef::passivate`).
-    pub done: Option<oneshot::Sender<Result<bool, AdminError>>>,
-}
 
 /// One message on its way through the attempts.
 struct Work<E: Entity> {
@@ -106,7 +51,8 @@ pub(crate) struct EntityActor<E: Entity> {
     shared: Arc<Shared>,
     store: Arc<Store>,
     effects: Arc<Effects>,
-    shard: Addr<Shard>,
+    /// The shard that owns this actor, told when it is idle.
+    shard: Recipient<Idle>,
     loaded: Option<Loaded<E::State>>,
     queue: VecDeque<Job<E>>,
     busy: bool,
@@ -124,7 +70,7 @@ impl<E: Entity> EntityActor<E> {
         shared: Arc<Shared>,
         store: Arc<Store>,
         effects: Arc<Effects>,
-        shard: Addr<Shard>,
+        shard: Recipient<Idle>,
     ) -> Self {
         Self {
             key,

@@ -15,9 +15,9 @@ use crate::core::records::{InboxRecord, Meta, StateRecord};
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
 use crate::ids;
-use crate::runtime::actor::{AdminAction, Job};
-use crate::runtime::supervisor::Deliver;
-use crate::runtime::{check_key, Inner, Ticket};
+use crate::runtime::inner::Inner;
+use crate::runtime::mail::{AdminAction, Deliver, Job};
+use crate::runtime::shared::{check_key, Ticket};
 use crate::store::Op;
 
 /// The address of one entity: type `E`, key `key`.

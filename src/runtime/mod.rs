@@ -1,9 +1,25 @@
 //! The runtime: opening the store, starting the shards, recovering the inbox, admitting
 //! messages, and shutting down.
 
+//! Layers, lowest first (each imports only those above it in this list):
+//! - [`shared`]: settings, clock, counters, tickets, the key rule;
+//! - [`mail`]: the messages between the parts;
+//! - [`actor`]: one entity's home;
+//! - [`supervisor`]: one shard, which starts and routes to its entities' actors;
+//! - [`inner`]: the shards, the registry, the store and the effect workers together;
+//! - [`address`]: typed entity addresses;
+//! - this module: the builder and the `Runtime` handle.
+
 pub(crate) mod actor;
 pub(crate) mod address;
+pub(crate) mod inner;
+pub(crate) mod mail;
+pub(crate) mod shared;
 pub(crate) mod supervisor;
+
+pub(crate) use inner::Inner;
+use inner::{wake, Registration, ShardRef, Threads};
+pub(crate) use shared::{check_key, Config, Shared};
 
 use std::any::TypeId;
 use std::collections::HashMap;
@@ -16,13 +32,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
 use crate::core::codec;
-use crate::core::hash::fnv1a;
-use crate::core::keys::{self, Space, ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX};
+use crate::core::keys::{self, Space, ENTITY_NAME_LEN_MAX};
 use crate::core::records::DedupStamp;
 use crate::dead_letter::DeadLetter;
 use crate::durability::Durability;
@@ -30,203 +45,10 @@ use crate::effects::{self, AsyncExecutor, Effect, EffectInfo, EffectKey, Effects
 use crate::entity::Entity;
 use crate::error::{AdminError, OpenError, StoreError, SubmitError};
 use crate::retry::RetryPolicy;
-use crate::runtime::actor::Job;
 use crate::runtime::address::EntityRef;
-use crate::runtime::supervisor::{Deliver, Shard};
+use crate::runtime::supervisor::Shard;
 use crate::store::{Store, StoreConfig};
 use crate::telemetry::{RuntimeStats, Stats};
-
-/// Settings fixed at open.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub retry: RetryPolicy,
-    pub dedup_retention: Duration,
-    pub dedup_purge_every: Duration,
-    pub passivate_after: Duration,
-    pub message_size_max: usize,
-    pub in_flight_max: usize,
-    pub log_payloads: bool,
-}
-
-/// State shared by the runtime's parts.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: Config,
-    pub clock: Arc<dyn Clock>,
-    pub stats: Stats,
-    seq: AtomicU64,
-}
-
-impl Shared {
-    /// The next inbox/outbox sequence number. Starts above every sequence ever committed
-    /// (the store's high-water mark and the inbox), so new keys never reuse an old one and
-    /// sort after recovered entries. Commit it with `Store::commit_with_seq`.
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// Admission: a caller holds one ticket from the moment it is admitted until its message is
-/// finished (for `tell`, until the inbox entry is retired). Tickets bound every in-memory
-/// queue: shard mailboxes, actor queues and the commit queue.
-#[derive(Debug)]
-pub(crate) struct Ticket {
-    _permit: OwnedSemaphorePermit,
-    shared: Arc<Shared>,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        Stats::drop_one(&self.shared.stats.in_flight);
-        self.shared.stats.notify();
-    }
-}
-
-pub(crate) struct ShardRef {
-    pub addr: Addr<Shard>,
-    pub permits: Arc<Semaphore>,
-}
-
-/// How to wake a registered entity type's actor without knowing its Rust type.
-#[derive(Clone, Copy)]
-struct Registration {
-    type_id: TypeId,
-    wake: fn(&Inner, String, Ticket) -> bool,
-}
-
-fn wake<E: Entity>(inner: &Inner, key: String, ticket: Ticket) -> bool {
-    let shard = inner.shard_index(E::NAME, &key);
-    let job = Job::<E>::Drain {
-        up_to: u64::MAX,
-        ticket,
-    };
-    inner.shards[shard]
-        .addr
-        .try_send(Deliver { key, job })
-        .is_ok()
-}
-
-struct Threads {
-    system: System,
-    system_thread: Option<thread::JoinHandle<()>>,
-    arbiters: Vec<Arbiter>,
-    purge_stop: Option<Sender<()>>,
-    purge_thread: Option<thread::JoinHandle<()>>,
-}
-
-/// The runtime's internals; entity handles hold it weakly.
-pub(crate) struct Inner {
-    pub shared: Arc<Shared>,
-    pub store: Arc<Store>,
-    pub effects: Arc<Effects>,
-    pub shards: Vec<ShardRef>,
-    registry: HashMap<&'static str, Registration>,
-    closed: AtomicBool,
-    threads: Mutex<Option<Threads>>,
-    path: PathBuf,
-}
-
-impl Inner {
-    pub(crate) fn shard_index(&self, entity: &str, key: &str) -> usize {
-        let mut hash = fnv1a(entity.as_bytes());
-        hash ^= 0xff;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-        hash ^= fnv1a(key.as_bytes());
-        (hash % self.shards.len() as u64) as usize
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// Checks that `E` is registered under its name.
-    pub(crate) fn registered<E: Entity>(&self) -> bool {
-        self.registry
-            .get(E::NAME)
-            .is_some_and(|r| r.type_id == TypeId::of::<E>())
-    }
-
-    /// Waits for a ticket on `shard`: this is where callers feel backpressure.
-    pub(crate) async fn admit(&self, shard: usize) -> Option<Ticket> {
-        let permits = self.shards[shard].permits.clone();
-        let permit = permits.acquire_owned().await.ok()?;
-        if self.is_closed() {
-            return None;
-        }
-        Stats::bump(&self.shared.stats.in_flight);
-        Some(Ticket {
-            _permit: permit,
-            shared: self.shared.clone(),
-        })
-    }
-
-    /// Delivers a `Drain` to entity (`entity`, `key`) of a registered type, taking a ticket
-    /// like any caller. False when the type is unregistered or the runtime is closing.
-    pub(crate) async fn wake_entity(&self, entity: &str, key: &str) -> bool {
-        let Some(registration) = self.registry.get(entity).copied() else {
-            tracing::warn!(target: "keystead", %entity, %key,
-                "inbox entries for an unregistered entity type stay in the inbox; register the type to process them");
-            return true;
-        };
-        let shard = self.shard_index(entity, key);
-        let Some(ticket) = self.admit(shard).await else {
-            return false;
-        };
-        (registration.wake)(self, key.to_string(), ticket)
-    }
-
-    fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        for shard in &self.shards {
-            shard.permits.close();
-        }
-        let Some(mut threads) = self.threads.lock().take() else {
-            return;
-        };
-        if let Some(stop) = threads.purge_stop.take() {
-            drop(stop);
-        }
-        if let Some(handle) = threads.purge_thread.take() {
-            let _ = handle.join();
-        }
-        for arbiter in &threads.arbiters {
-            arbiter.stop();
-        }
-        for arbiter in threads.arbiters.drain(..) {
-            let _ = arbiter.join();
-        }
-        threads.system.stop();
-        if let Some(handle) = threads.system_thread.take() {
-            let _ = handle.join();
-        }
-        self.effects.shutdown();
-        self.store.close();
-        self.shared.stats.notify();
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-/// Validates an entity key.
-pub(crate) fn check_key(entity: &'static str, key: &str) -> Result<(), SubmitError> {
-    let reason = if key.is_empty() {
-        "the key is empty; give every entity a non-empty key".to_string()
-    } else if key.len() > ENTITY_KEY_LEN_MAX {
-        format!(
-            "the key is {} bytes, the limit is {ENTITY_KEY_LEN_MAX}",
-            key.len()
-        )
-    } else {
-        return Ok(());
-    };
-    Err(SubmitError::InvalidKey { entity, reason })
-}
 
 /// Configures and opens a [`Runtime`].
 ///
@@ -621,7 +443,16 @@ impl RuntimeBuilder {
             purge_stop: Some(purge_stop),
             purge_thread: Some(purge_thread),
         });
-        effects.bind(Arc::downgrade(&inner));
+        let weak = Arc::downgrade(&inner);
+        effects.bind(Arc::new(move |entity, key| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(inner) => inner.wake_entity(&entity, &key).await,
+                    None => false,
+                }
+            })
+        }));
         start_recovery(&inner, scan.entities);
         for (entity, key) in &outbox {
             effects.wake(entity, key, true);

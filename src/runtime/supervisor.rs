@@ -18,31 +18,10 @@ use tokio::sync::oneshot;
 use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::AdminError;
-use crate::runtime::actor::{EntityActor, Forward, Job, Stop};
-use crate::runtime::Shared;
+use crate::runtime::actor::EntityActor;
+use crate::runtime::mail::{Deliver, Forward, Idle, Stop};
+use crate::runtime::shared::Shared;
 use crate::store::Store;
-
-/// A job for entity `E` with key `key`, on its way to the entity's actor.
-pub(crate) struct Deliver<E: Entity> {
-    pub key: String,
-    pub job: Job<E>,
-}
-
-impl<E: Entity> Message for Deliver<E> {
-    type Result = ();
-}
-
-/// An actor reports that it has been idle for the passivation timeout.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Idle {
-    pub entity: &'static str,
-    pub key: String,
-    pub received: u64,
-    /// For [`EntityRef::passivate`](crate::EntityRef::passivate): told `false` if the actor
-    /// stays, or `true` by the actor once it has stopped.
-    pub done: Option<oneshot::Sender<Result<bool, AdminError>>>,
-}
 
 struct Slot {
     /// An `Addr<EntityActor<E>>` for the entity type named in the map key.
@@ -106,7 +85,7 @@ impl<E: Entity> Handler<Deliver<E>> for Shard {
                     // this mailbox is the runtime's admission tickets, acquired by callers
                     // before anything reaches a shard.
                     actor_ctx.set_mailbox_capacity(0);
-                    EntityActor::new(key, shared, store, effects, shard)
+                    EntityActor::new(key, shared, store, effects, shard.recipient())
                 });
                 self.entities.entry(id.clone()).or_insert(Slot {
                     addr: Box::new(addr),

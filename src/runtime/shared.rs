@@ -1,0 +1,75 @@
+//! What every part of the runtime shares: the settings fixed at open, the clock, the
+//! counters, the sequence counter, admission tickets, and the key rule.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::clock::Clock;
+use crate::core::keys::ENTITY_KEY_LEN_MAX;
+use crate::error::SubmitError;
+use crate::retry::RetryPolicy;
+use crate::telemetry::Stats;
+
+/// Settings fixed at open.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub retry: RetryPolicy,
+    pub dedup_retention: Duration,
+    pub dedup_purge_every: Duration,
+    pub passivate_after: Duration,
+    pub message_size_max: usize,
+    pub in_flight_max: usize,
+    pub log_payloads: bool,
+}
+
+/// State shared by the runtime's parts.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub stats: Stats,
+    pub(crate) seq: AtomicU64,
+}
+
+impl Shared {
+    /// The next inbox/outbox sequence number. Starts above every sequence ever committed
+    /// (the store's high-water mark and the inbox), so new keys never reuse an old one and
+    /// sort after recovered entries. Commit it with `Store::commit_with_seq`.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Admission: a caller holds one ticket from the moment it is admitted until its message is
+/// finished (for `tell`, until the inbox entry is retired). Tickets bound every in-memory
+/// queue: shard mailboxes, actor queues and the commit queue.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub(crate) _permit: OwnedSemaphorePermit,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        Stats::drop_one(&self.shared.stats.in_flight);
+        self.shared.stats.notify();
+    }
+}
+
+/// Validates an entity key.
+pub(crate) fn check_key(entity: &'static str, key: &str) -> Result<(), SubmitError> {
+    let reason = if key.is_empty() {
+        "the key is empty; give every entity a non-empty key".to_string()
+    } else if key.len() > ENTITY_KEY_LEN_MAX {
+        format!(
+            "the key is {} bytes, the limit is {ENTITY_KEY_LEN_MAX}",
+            key.len()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(SubmitError::InvalidKey { entity, reason })
+}
