@@ -1,0 +1,417 @@
+//! The effect workers: one lane per entity with pending effects, run on a tokio runtime of
+//! their own, under a bound on effects running at once; each effect's attempts, status moves
+//! and feedback.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::core::codec;
+use crate::core::hash::{fnv1a, splitmix64};
+use crate::core::keys::{self, Space};
+use crate::core::records::{InboxRecord, Meta};
+use crate::error::StoreError;
+use crate::retry::RetryPolicy;
+use crate::runtime::shared::Shared;
+use crate::store::{Op, Store};
+use crate::telemetry::Stats;
+
+use super::executor::Registered;
+use super::query::find;
+use crate::core::effect::{
+    feedback_id, EffectContext, EffectError, EffectKey, EffectRecord, EffectStatus,
+};
+
+/// Wakes entity (type, key) to read its inbox; false once the runtime is closing.
+pub(crate) type EntityWaker =
+    Arc<dyn Fn(String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// The effect workers: a tokio runtime of their own, one lane per entity with pending
+/// effects, and a bound on effects running at once.
+pub(crate) struct Effects {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    executors: HashMap<&'static str, Registered>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    retry: RetryPolicy,
+    running_max: Arc<Semaphore>,
+    /// Wakes an entity to read its inbox (feedback was delivered there); set by the runtime
+    /// once it is assembled, so the workers need not know the runtime's type.
+    waker: OnceLock<EntityWaker>,
+    /// Active lanes; `true` when more work arrived while the lane was scanning.
+    lanes: Mutex<HashMap<(String, String), bool>>,
+    /// Independent effects being performed, by outbox key.
+    independent: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl fmt::Debug for Effects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Effects")
+            .field("executors", &self.executors.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many outbox entries a lane reads per scan.
+const SCAN_MAX: usize = 64;
+
+impl Effects {
+    pub(crate) fn start(
+        executors: HashMap<&'static str, Registered>,
+        store: Arc<Store>,
+        shared: Arc<Shared>,
+        retry: RetryPolicy,
+        workers: usize,
+        running_max: usize,
+    ) -> std::io::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .max_blocking_threads(running_max.max(1))
+            .thread_name("keystead-effects")
+            .enable_time()
+            .build()?;
+        Ok(Arc::new(Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+            executors,
+            store,
+            shared,
+            retry,
+            running_max: Arc::new(Semaphore::new(running_max)),
+            waker: OnceLock::new(),
+            lanes: Mutex::new(HashMap::new()),
+            independent: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub(crate) fn bind(&self, waker: EntityWaker) {
+        let _ = self.waker.set(waker);
+    }
+
+    /// True when an executor is registered for effect `name` recorded by entity `origin`.
+    pub(crate) fn accepts(&self, name: &str, origin: &str) -> bool {
+        self.executors.get(name).is_some_and(|r| r.origin == origin)
+    }
+
+    /// Stops the workers without waiting for executors that block: their effects stay in
+    /// the outbox (a running one runs again, with the same key, at the next open).
+    pub(crate) fn shutdown(&self) {
+        if let Some(runtime) = self.runtime.lock().take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Makes sure a lane runs for entity (`entity`, `key`); with `independent`, also starts
+    /// its independent effects at once (they must not wait behind an ordered effect that is
+    /// retrying). Pass `independent` only when there may be some: it costs an outbox scan.
+    pub(crate) fn wake(self: &Arc<Self>, entity: &str, key: &str, independent: bool) {
+        if independent {
+            self.start_independent(&keys::entity_prefix(Space::Outbox, entity, key));
+        }
+        let id = (entity.to_string(), key.to_string());
+        {
+            let mut lanes = self.lanes.lock();
+            if let Some(more) = lanes.get_mut(&id) {
+                *more = true;
+                return;
+            }
+            lanes.insert(id.clone(), false);
+        }
+        Stats::bump(&self.shared.stats.effect_lanes);
+        let this = self.clone();
+        self.handle.spawn(async move { this.lane(id).await });
+    }
+
+    async fn lane(self: Arc<Self>, id: (String, String)) {
+        let prefix = keys::entity_prefix(Space::Outbox, &id.0, &id.1);
+        loop {
+            let batch = match self.pending(&prefix, false) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(target: "keystead", entity = %id.0, key = %id.1, error = %e,
+                        "cannot read the outbox; its effects wait for the next wake or open");
+                    break;
+                }
+            };
+            let mut progressed = false;
+            for (outbox_key, record) in batch {
+                match self.clone().perform(&outbox_key, record).await {
+                    Ok(()) => progressed = true,
+                    Err(()) => break,
+                }
+            }
+            if !progressed {
+                let mut lanes = self.lanes.lock();
+                if lanes.get(&id).copied().unwrap_or(false) {
+                    lanes.insert(id.clone(), false);
+                    continue;
+                }
+                lanes.remove(&id);
+                break;
+            }
+        }
+        self.lanes.lock().remove(&id);
+        Stats::drop_one(&self.shared.stats.effect_lanes);
+        self.shared.stats.notify();
+    }
+
+    /// Spawns every unfinished independent effect of one entity that is not running yet.
+    fn start_independent(self: &Arc<Self>, prefix: &[u8]) {
+        let batch = match self.pending(prefix, true) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(target: "keystead", error = %e, "cannot read the outbox");
+                return;
+            }
+        };
+        for (outbox_key, record) in batch {
+            if !self.independent.lock().insert(outbox_key.clone()) {
+                continue;
+            }
+            let this = self.clone();
+            Stats::bump(&self.shared.stats.effect_lanes);
+            self.handle.spawn(async move {
+                let _ = this.clone().perform(&outbox_key, record).await;
+                this.independent.lock().remove(&outbox_key);
+                Stats::drop_one(&this.shared.stats.effect_lanes);
+                this.shared.stats.notify();
+            });
+        }
+    }
+
+    /// The first unfinished outbox entries of one entity of one kind (ordered or
+    /// independent), in recorded order, skipping independent effects already running.
+    fn pending(
+        &self,
+        prefix: &[u8],
+        independent: bool,
+    ) -> Result<Vec<(Vec<u8>, EffectRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.store.scan_prefix(prefix)? {
+            let (key, value) = entry?;
+            if self.independent.lock().contains(&key) {
+                continue;
+            }
+            match codec::decode::<EffectRecord>("effect record", &value) {
+                Ok(record)
+                    if !record.info.status.finished() && record.independent == independent =>
+                {
+                    out.push((key, record))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(target: "keystead", error = %e, "undecodable outbox entry skipped; it stays in the outbox");
+                }
+            }
+            if out.len() >= SCAN_MAX {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Performs one effect through its attempts. `Ok` when it reached an end (done, failed,
+    /// dead-lettered); `Err` when it must wait for a later wake (no executor, store error).
+    async fn perform(
+        self: Arc<Self>,
+        outbox_key: &[u8],
+        mut record: EffectRecord,
+    ) -> Result<(), ()> {
+        let Some(executor) = self.executors.get(record.info.name.as_str()) else {
+            tracing::error!(target: "keystead", effect = %record.info.name,
+                "no executor registered for this effect type; it waits in the outbox. Register it with RuntimeBuilder::executor");
+            return Err(());
+        };
+        let run = executor.run.clone();
+        let span = tracing::info_span!(target: "keystead", "keystead.effect",
+            effect = %record.info.name, effect_key = %record.info.effect_key,
+            correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
+            status = tracing::field::Empty);
+        loop {
+            let Ok(_permit) = self.running_max.clone().acquire_owned().await else {
+                return Err(());
+            };
+            record.info.attempts += 1;
+            self.transition(&mut record, EffectStatus::Running, None);
+            // Durable in every mode before the effect runs: this batch follows the one that
+            // recorded the effect, so no effect of a change a crash takes back ever runs
+            // (in relaxed mode a plain commit completes before its flush).
+            let running = Op::Put(outbox_key.to_vec(), encode(&record)?);
+            if let Err(e) = self.store.commit_durable(vec![running]).await {
+                tracing::warn!(target: "keystead", error = %e,
+                    "cannot record that an effect starts; it stays in the outbox and runs later");
+                return Err(());
+            }
+            span.record("attempt", record.info.attempts);
+            let ctx = EffectContext {
+                key: record.info.effect_key.clone(),
+                correlation_id: record.info.correlation_id.clone(),
+                attempt: record.info.attempts,
+            };
+            let result = run(record.payload.clone(), ctx)
+                .instrument(span.clone())
+                .await;
+            drop(_permit);
+            match result {
+                Ok(feedback) => {
+                    self.transition(&mut record, EffectStatus::Done, None);
+                    span.record("status", "done");
+                    let mut ops = self.finish_ops(outbox_key, &record)?;
+                    let feedback_seq = match feedback {
+                        Some(command) => {
+                            let seq = self.shared.next_seq();
+                            ops.push(self.feedback_op(&record, seq, command)?);
+                            Some(seq)
+                        }
+                        None => None,
+                    };
+                    self.commit_with_seq(ops, feedback_seq.unwrap_or(0)).await?;
+                    Stats::bump(&self.shared.stats.effects_done);
+                    tracing::info!(target: "keystead", parent: &span, "effect done");
+                    if feedback_seq.is_some() {
+                        Stats::bump(&self.shared.stats.inbox_pending);
+                        self.deliver_feedback(&record.info.effect_key).await;
+                    }
+                    return Ok(());
+                }
+                Err(EffectError::Permanent(reason)) => {
+                    self.transition(&mut record, EffectStatus::Failed, Some(reason.clone()));
+                    span.record("status", "failed");
+                    self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    Stats::bump(&self.shared.stats.effects_failed);
+                    tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect failed permanently");
+                    return Ok(());
+                }
+                Err(EffectError::Retryable(reason))
+                    if record.info.attempts >= self.retry.get_attempts_max() =>
+                {
+                    self.transition(
+                        &mut record,
+                        EffectStatus::DeadLettered,
+                        Some(reason.clone()),
+                    );
+                    span.record("status", "dead_lettered");
+                    self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    Stats::bump(&self.shared.stats.effects_dead_lettered);
+                    tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect dead-lettered");
+                    return Ok(());
+                }
+                Err(EffectError::Retryable(reason)) => {
+                    self.transition(&mut record, EffectStatus::Pending, Some(reason.clone()));
+                    self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
+                        .await?;
+                    Stats::bump(&self.shared.stats.effect_retries);
+                    self.shared.stats.notify();
+                    let seed = splitmix64(fnv1a(record.info.effect_key.to_string().as_bytes()));
+                    let delay = self.retry.backoff(record.info.attempts, seed);
+                    tracing::debug!(target: "keystead", parent: &span, error = %reason,
+                        delay_us = delay.as_micros() as u64, "effect failed; will retry");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn transition(&self, record: &mut EffectRecord, next: EffectStatus, error: Option<String>) {
+        let from = record.info.status;
+        debug_assert!(
+            from.can_move_to(next),
+            "effect status {from:?} -> {next:?} is not an allowed move"
+        );
+        if !from.can_move_to(next) {
+            tracing::error!(target: "keystead", ?from, ?next, "unexpected effect status move");
+        }
+        record.info.status = next;
+        record.info.updated_at_ms = self.shared.clock.now_ms();
+        if error.is_some() {
+            record.info.last_error = error;
+        }
+    }
+
+    /// Moves a finished effect from the outbox to the history.
+    fn finish_ops(&self, outbox_key: &[u8], record: &EffectRecord) -> Result<Vec<Op>, ()> {
+        let mut history_key = outbox_key.to_vec();
+        history_key[0] = Space::EffectHistory as u8;
+        Ok(vec![
+            Op::Delete(outbox_key.to_vec()),
+            Op::Put(history_key, encode(record)?),
+        ])
+    }
+
+    fn feedback_op(&self, record: &EffectRecord, seq: u64, command: Vec<u8>) -> Result<Op, ()> {
+        let key = &record.info.effect_key;
+        let inbox = InboxRecord {
+            meta: Meta {
+                message_id: feedback_id(key),
+                correlation_id: record.info.correlation_id.clone(),
+                version: None,
+                accepted_at_ms: self.shared.clock.now_ms(),
+            },
+            command,
+        };
+        Ok(Op::Put(
+            keys::inbox(&key.entity, &key.key, seq),
+            encode(&inbox)?,
+        ))
+    }
+
+    async fn deliver_feedback(&self, key: &EffectKey) {
+        let Some(waker) = self.waker.get() else {
+            return;
+        };
+        waker(key.entity.clone(), key.key.clone()).await;
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> Result<(), ()> {
+        self.commit_with_seq(ops, 0).await
+    }
+
+    async fn commit_with_seq(&self, ops: Vec<Op>, seq: u64) -> Result<(), ()> {
+        match self.store.commit_with_seq(ops, seq).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(target: "keystead", error = %e,
+                    "cannot record an effect's progress; it stays in the outbox and runs again (same key) later");
+                Err(())
+            }
+        }
+    }
+
+    /// Moves a dead-lettered effect back to the outbox with its attempts reset; true when
+    /// there was one.
+    pub(crate) async fn requeue(self: &Arc<Self>, key: &EffectKey) -> Result<bool, StoreError> {
+        let Some((history_key, mut record)) = find(&self.store, Space::EffectHistory, key)? else {
+            return Ok(false);
+        };
+        if record.info.status != EffectStatus::DeadLettered {
+            return Ok(false);
+        }
+        self.transition(&mut record, EffectStatus::Pending, None);
+        record.info.attempts = 0;
+        let mut outbox_key = history_key.clone();
+        outbox_key[0] = Space::Outbox as u8;
+        let bytes = codec::encode(&record).map_err(|e| StoreError::Io {
+            op: "requeue effect",
+            source: std::io::Error::other(e),
+        })?;
+        self.store
+            .commit(vec![Op::Delete(history_key), Op::Put(outbox_key, bytes)])
+            .await?;
+        self.wake(&key.entity, &key.key, record.independent);
+        Ok(true)
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ()> {
+    codec::encode(value).map_err(|e| {
+        tracing::error!(target: "keystead", error = %e, "cannot encode an effect record");
+    })
+}
