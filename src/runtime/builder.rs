@@ -1,0 +1,563 @@
+//! Configuring and opening a runtime: the builder, the inbox and outbox scans at open, and
+//! the actix system with its shards.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use actix::prelude::*;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+
+use crate::backend::Backend;
+use crate::clock::{Clock, SystemClock};
+use crate::core::keys::{self, Space, ENTITY_NAME_LEN_MAX};
+use crate::durability::Durability;
+use crate::effects::{self, AsyncExecutor, Effect, Effects, Executor};
+use crate::entity::Entity;
+use crate::error::{OpenError, StoreError};
+use crate::retry::RetryPolicy;
+use crate::runtime::supervisor::Shard;
+use crate::store::{Store, StoreConfig};
+use crate::telemetry::Stats;
+
+use crate::runtime::handle::Runtime;
+use crate::runtime::inner::{wake, Inner, Registration, ShardRef, Threads};
+use crate::runtime::purge::start_purge;
+use crate::runtime::recovery::start_recovery;
+use crate::runtime::shared::{Config, Shared};
+
+impl Runtime {
+    /// A builder for a runtime whose database lives in directory `path`. (Defined beside
+    /// the builder, so that the handle's module need not import it.)
+    pub fn builder(path: impl AsRef<Path>) -> RuntimeBuilder {
+        RuntimeBuilder::new(path.as_ref().to_path_buf())
+    }
+}
+
+/// Configures and opens a [`Runtime`].
+///
+/// ```
+/// use std::time::Duration;
+/// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+/// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+/// # #[error("never")] struct Never;
+/// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct Counter;
+/// # impl Entity for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+/// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+/// # }
+/// let dir = tempfile::tempdir()?;
+/// let rt = Runtime::builder(dir.path())
+///     .shards(2)
+///     .passivate_after(Duration::from_secs(60))
+///     .register::<Counter>()
+///     .open()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use]
+pub struct RuntimeBuilder {
+    path: PathBuf,
+    shards: usize,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    cache_bytes: u64,
+    batch_messages_max: usize,
+    durability: Durability,
+    backend: Backend,
+    registry: HashMap<&'static str, Registration>,
+    registry_error: Option<OpenError>,
+    executors: HashMap<&'static str, effects::Registered>,
+    effect_retry: RetryPolicy,
+    effect_workers: usize,
+    effects_running_max: usize,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("path", &self.path)
+            .field("shards", &self.shards)
+            .field("config", &self.config)
+            .field("entities", &self.registry.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeBuilder {
+    fn new(path: PathBuf) -> Self {
+        let shards = thread::available_parallelism().map_or(2, usize::from);
+        Self {
+            path,
+            shards,
+            config: Config {
+                retry: RetryPolicy::default(),
+                dedup_retention: Duration::from_secs(24 * 3600),
+                dedup_purge_every: Duration::from_secs(3600),
+                passivate_after: Duration::from_secs(60),
+                message_size_max: 1 << 20,
+                in_flight_max: 1024,
+                log_payloads: false,
+            },
+            clock: Arc::new(SystemClock),
+            cache_bytes: 64 << 20,
+            batch_messages_max: 1024,
+            durability: Durability::Sync,
+            backend: Backend::Sled,
+            registry: HashMap::new(),
+            registry_error: None,
+            executors: HashMap::new(),
+            effect_retry: RetryPolicy::default(),
+            effect_workers: 2,
+            effects_running_max: 64,
+        }
+    }
+
+    fn add_executor<T: Effect>(mut self, registered: effects::Registered) -> Self {
+        let name = T::NAME;
+        if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX || self.executors.contains_key(name)
+        {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason: "effect names must be 1 to 255 bytes and have one executor".into(),
+            });
+            return self;
+        }
+        self.executors.insert(name, registered);
+        self
+    }
+
+    /// Registers the executor of effect type `T`; it runs on a blocking worker thread. An
+    /// applied message that records an effect without an executor is dead-lettered instead.
+    pub fn executor<T: Effect>(self, executor: impl Executor<T>) -> Self {
+        self.add_executor::<T>(effects::Registered::blocking::<T, _>(executor))
+    }
+
+    /// Registers an async executor of effect type `T`; it runs on the effect workers' tokio
+    /// runtime.
+    pub fn async_executor<T: Effect>(self, executor: impl AsyncExecutor<T>) -> Self {
+        self.add_executor::<T>(effects::Registered::non_blocking::<T, _>(executor))
+    }
+
+    /// How failing effects are retried. Default: [`RetryPolicy::default`].
+    pub fn effect_retry(mut self, policy: RetryPolicy) -> Self {
+        self.effect_retry = policy;
+        self
+    }
+
+    /// Threads of the effect workers' tokio runtime. Default: 2.
+    pub fn effect_workers(mut self, threads: usize) -> Self {
+        self.effect_workers = threads;
+        self
+    }
+
+    /// The most effects performed at once, across all entities. Default: 64.
+    pub fn effects_running_max(mut self, effects: usize) -> Self {
+        self.effects_running_max = effects;
+        self
+    }
+
+    /// Registers entity type `E`. Every type you send to must be registered, so that the
+    /// runtime can process its recovered inbox entries after a restart.
+    pub fn register<E: Entity>(mut self) -> Self {
+        let name = E::NAME;
+        let problem = if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX {
+            Some(format!("names must be 1 to {ENTITY_NAME_LEN_MAX} bytes"))
+        } else {
+            match self.registry.get(name) {
+                Some(r) if r.type_id != TypeId::of::<E>() => Some(
+                    "another entity type is registered under this name; names must be unique"
+                        .into(),
+                ),
+                _ => None,
+            }
+        };
+        if let Some(reason) = problem {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason,
+            });
+            return self;
+        }
+        self.registry.insert(
+            name,
+            Registration {
+                type_id: TypeId::of::<E>(),
+                wake: wake::<E>,
+            },
+        );
+        self
+    }
+
+    /// The number of shards (actix Arbiters, one thread each). Default: the number of
+    /// available cores.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// How retryable failures are retried. Default: [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// How long a processed message id is remembered. Default: 24 hours. A message whose id
+    /// has aged out is processed as new.
+    pub fn dedup_retention(mut self, retention: Duration) -> Self {
+        self.config.dedup_retention = retention;
+        self
+    }
+
+    /// How often the background purge of expired dedup records runs. Default: 1 hour.
+    pub fn dedup_purge_every(mut self, every: Duration) -> Self {
+        self.config.dedup_purge_every = every;
+        self
+    }
+
+    /// How long an entity actor may stay idle before it stops and frees its memory.
+    /// Default: 60 s.
+    pub fn passivate_after(mut self, idle: Duration) -> Self {
+        self.config.passivate_after = idle;
+        self
+    }
+
+    /// The largest encoded command `tell` accepts, in bytes. Default: 1 MiB; at most 32 MiB.
+    pub fn message_size_max(mut self, bytes: usize) -> Self {
+        self.config.message_size_max = bytes;
+        self
+    }
+
+    /// How many messages one shard admits at once; further callers wait. Default: 1024.
+    pub fn in_flight_max(mut self, messages: usize) -> Self {
+        self.config.in_flight_max = messages;
+        self
+    }
+
+    /// The most messages in one group commit. Default: 1024.
+    pub fn batch_messages_max(mut self, messages: usize) -> Self {
+        self.batch_messages_max = messages;
+        self
+    }
+
+    /// The storage engine. Default: [`Backend::Sled`]. [`Backend::Fjall`] needs keystead's
+    /// `fjall` feature; without it `open` returns [`OpenError::BackendNotBuilt`].
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// When writes are acknowledged: after their flush ([`Durability::Sync`], the default)
+    /// or once applied, with a bounded loss window ([`Durability::Relaxed`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// The storage engine's cache size in bytes (sled's page cache, fjall's block cache).
+    /// Default: 64 MiB.
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// The clock handlers and retention read. Default: [`SystemClock`].
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Log commands and outcomes (payloads) in the outcome event. Default: off, so secrets
+    /// in commands and replies stay out of logs.
+    pub fn log_payloads(mut self, on: bool) -> Self {
+        self.config.log_payloads = on;
+        self
+    }
+
+    fn validate(&self) -> Result<(), OpenError> {
+        let invalid = |setting, reason: &str| {
+            Err(OpenError::InvalidConfig {
+                setting,
+                reason: reason.to_string(),
+            })
+        };
+        if self.shards == 0 || self.shards > 1024 {
+            return invalid("shards", "must be between 1 and 1024");
+        }
+        if self.config.in_flight_max == 0 || self.config.in_flight_max > 1 << 20 {
+            return invalid("in_flight_max", "must be between 1 and 1048576");
+        }
+        if self.batch_messages_max == 0 {
+            return invalid("batch_messages_max", "must be at least 1");
+        }
+        if self.config.message_size_max == 0
+            || self.config.message_size_max > crate::core::codec::RECORD_BYTES_MAX / 2
+        {
+            return invalid(
+                "message_size_max",
+                "must be between 1 byte and 32 MiB (a stored record is at most 64 MiB)",
+            );
+        }
+        if self.config.passivate_after.is_zero() {
+            return invalid("passivate_after", "must be longer than zero");
+        }
+        if self.config.dedup_retention.is_zero() {
+            return invalid("dedup_retention", "must be longer than zero");
+        }
+        if self.config.dedup_purge_every.is_zero() {
+            return invalid("dedup_purge_every", "must be longer than zero");
+        }
+        if self.cache_bytes < 1 << 20 {
+            return invalid("cache_bytes", "must be at least 1 MiB");
+        }
+        if let Some(every) = self.durability.flush_every() {
+            if every < Duration::from_millis(1) || every > Duration::from_secs(60) {
+                return invalid(
+                    "durability",
+                    "Relaxed flush_every must be between 1 ms and 60 s (it is the loss window)",
+                );
+            }
+        }
+        if let Err(reason) = self.config.retry.validate() {
+            return invalid("retry", &reason);
+        }
+        if let Err(reason) = self.effect_retry.validate() {
+            return invalid("effect_retry", &reason);
+        }
+        if self.effect_workers == 0 || self.effects_running_max == 0 {
+            return invalid(
+                "effect_workers",
+                "effect_workers and effects_running_max must be at least 1",
+            );
+        }
+        if let Some((name, r)) = self
+            .executors
+            .iter()
+            .find(|(_, r)| !self.registry.contains_key(r.origin))
+        {
+            return invalid(
+                "executor",
+                &format!(
+                    "effect {name} belongs to entity type {}, which is not registered",
+                    r.origin
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens the database (creating it if needed), starts the shards, and starts processing
+    /// every message left in the inbox by an earlier run.
+    ///
+    /// # Errors
+    /// [`OpenError`] for an invalid setting, a duplicate entity name, a database held by
+    /// another process, an unusable directory, or data in a foreign layout.
+    pub fn open(mut self) -> Result<Runtime, OpenError> {
+        if let Some(e) = self.registry_error.take() {
+            return Err(e);
+        }
+        self.validate()?;
+        let total_in_flight = self.config.in_flight_max * self.shards;
+        let store = Store::open(&StoreConfig {
+            path: self.path.clone(),
+            cache_bytes: self.cache_bytes,
+            batch_messages_max: self.batch_messages_max,
+            queue_max: total_in_flight + 1024,
+            durability: self.durability,
+            backend: self.backend,
+        })?;
+        let scan = scan_inbox(&store).map_err(|source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let high_water = store.seq_high_water().map_err(|source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let seq_start = scan.seq_max.unwrap_or(0).max(high_water).saturating_add(1);
+        let shared = Arc::new(Shared {
+            config: self.config.clone(),
+            clock: self.clock.clone(),
+            stats: Stats::default(),
+            seq: AtomicU64::new(seq_start),
+        });
+        shared
+            .stats
+            .inbox_pending
+            .store(scan.entries, Ordering::Release);
+
+        let outbox = scan_outbox(&store).map_err(|source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        })?;
+        let effects = Effects::start(
+            std::mem::take(&mut self.executors),
+            store.clone(),
+            shared.clone(),
+            self.effect_retry,
+            self.effect_workers,
+            self.effects_running_max,
+        )
+        .map_err(|e| OpenError::Threads(e.to_string()))?;
+        let (system, system_thread, arbiters, addrs) =
+            start_system(self.shards, shared.clone(), store.clone(), effects.clone())?;
+        let shards = addrs
+            .into_iter()
+            .map(|addr| ShardRef {
+                addr,
+                permits: Arc::new(Semaphore::new(self.config.in_flight_max)),
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            shared: shared.clone(),
+            store: store.clone(),
+            effects: effects.clone(),
+            shards,
+            registry: self.registry,
+            closed: AtomicBool::new(false),
+            threads: Mutex::new(None),
+            path: self.path.clone(),
+        });
+        let (purge_stop, purge_thread) = start_purge(Arc::downgrade(&inner))?;
+        *inner.threads.lock() = Some(Threads {
+            system,
+            system_thread: Some(system_thread),
+            arbiters,
+            purge_stop: Some(purge_stop),
+            purge_thread: Some(purge_thread),
+        });
+        let weak = Arc::downgrade(&inner);
+        effects.bind(Arc::new(move |entity, key| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(inner) => inner.wake_entity(&entity, &key).await,
+                    None => false,
+                }
+            })
+        }));
+        start_recovery(&inner, scan.entities);
+        for (entity, key) in &outbox {
+            effects.wake(entity, key, true);
+        }
+        tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
+            recovered_messages = scan.entries, effect_lanes_resumed = outbox.len(), "runtime open");
+        Ok(Runtime { inner })
+    }
+}
+
+pub(crate) struct InboxScan {
+    entries: u64,
+    seq_max: Option<u64>,
+    entities: Vec<(String, String)>,
+}
+
+/// Counts the inbox, finds its highest sequence and the entities that have entries.
+pub(crate) fn scan_inbox(store: &Store) -> Result<InboxScan, StoreError> {
+    let mut scan = InboxScan {
+        entries: 0,
+        seq_max: None,
+        entities: Vec::new(),
+    };
+    for entry in store.scan_prefix(&[Space::Inbox as u8])? {
+        let (key, _) = entry?;
+        scan.entries += 1;
+        let Some(parsed) = keys::parse(Space::Inbox, &key) else {
+            tracing::error!(target: "keystead", "malformed inbox key skipped at recovery");
+            continue;
+        };
+        if let Some(seq) = keys::inbox_seq(parsed.suffix) {
+            scan.seq_max = Some(scan.seq_max.map_or(seq, |m| m.max(seq)));
+        }
+        let is_new = scan
+            .entities
+            .last()
+            .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);
+        if is_new {
+            scan.entities
+                .push((parsed.entity.to_string(), parsed.key.to_string()));
+        }
+    }
+    Ok(scan)
+}
+
+/// The entities that have unfinished effects, in key order.
+pub(crate) fn scan_outbox(store: &Store) -> Result<Vec<(String, String)>, StoreError> {
+    let mut entities: Vec<(String, String)> = Vec::new();
+    for entry in store.scan_prefix(&[Space::Outbox as u8])? {
+        let (key, _) = entry?;
+        let Some(parsed) = keys::parse(Space::Outbox, &key) else {
+            continue;
+        };
+        let is_new = entities
+            .last()
+            .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);
+        if is_new {
+            entities.push((parsed.entity.to_string(), parsed.key.to_string()));
+        }
+    }
+    Ok(entities)
+}
+
+pub(crate) type Started = (
+    System,
+    thread::JoinHandle<()>,
+    Vec<Arbiter>,
+    Vec<Addr<Shard>>,
+);
+
+pub(crate) fn start_system(
+    shards: usize,
+    shared: Arc<Shared>,
+    store: Arc<Store>,
+    effects: Arc<Effects>,
+) -> Result<Started, OpenError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = thread::Builder::new()
+        .name("keystead-system".into())
+        .spawn(move || {
+            let runner = System::new();
+            let mut arbiters = Vec::with_capacity(shards);
+            let mut addrs = Vec::with_capacity(shards);
+            for _ in 0..shards {
+                let arbiter = Arbiter::new();
+                let (shared, store, effects) = (shared.clone(), store.clone(), effects.clone());
+                // Build the shard on its own thread and hand its address back only once the
+                // mailbox capacity is set: `start_in_arbiter` returns the address before its
+                // closure runs, and a burst of sends in that window would park the sender
+                // at actix's default capacity and have every later send refused.
+                let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+                let built = arbiter.spawn_fn(move || {
+                    let addr = Shard::create(move |ctx| {
+                        // Capacity 0: never park senders; admission tickets bound this mailbox.
+                        ctx.set_mailbox_capacity(0);
+                        Shard::new(shared, store, effects)
+                    });
+                    let _ = addr_tx.send(addr);
+                });
+                let Some(addr) = built.then(|| addr_rx.recv().ok()).flatten() else {
+                    tracing::error!(target: "keystead", "a shard thread did not start");
+                    return;
+                };
+                arbiters.push(arbiter);
+                addrs.push(addr);
+            }
+            if tx.send((System::current(), arbiters, addrs)).is_err() {
+                return;
+            }
+            if let Err(e) = runner.run() {
+                tracing::error!(target: "keystead", error = %e, "actor system stopped with an error");
+            }
+        })
+        .map_err(|e| OpenError::Threads(e.to_string()))?;
+    let (system, arbiters, addrs) = rx
+        .recv()
+        .map_err(|_| OpenError::Threads("the actor system thread did not start".into()))?;
+    Ok((system, handle, arbiters, addrs))
+}
