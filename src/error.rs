@@ -202,6 +202,18 @@ pub enum OpenError {
     Threads(String),
 }
 
+impl AdminError {
+    /// The admin form of a refusal the runtime gives before any work starts: an unregistered
+    /// type or an invalid key keep their reason; anything else means the runtime is gone.
+    pub(crate) fn from_refusal(refusal: SubmitError) -> Self {
+        match refusal {
+            SubmitError::NotRegistered { entity } => AdminError::NotRegistered { entity },
+            SubmitError::InvalidKey { entity, reason } => AdminError::InvalidKey { entity, reason },
+            _ => AdminError::Closed,
+        }
+    }
+}
+
 /// Submitting a message with `ask` or `tell` failed. Nothing was acknowledged unless the
 /// variant says so.
 #[derive(Debug, thiserror::Error)]

@@ -383,11 +383,7 @@ impl<E: Entity> EntityRef<E> {
         &self,
         job: impl FnOnce(oneshot::Sender<Result<bool, AdminError>>, Ticket) -> Job<E>,
     ) -> Result<bool, AdminError> {
-        let inner = self.runtime().map_err(|e| match e {
-            SubmitError::NotRegistered { entity } => AdminError::NotRegistered { entity },
-            SubmitError::InvalidKey { entity, reason } => AdminError::InvalidKey { entity, reason },
-            _ => AdminError::Closed,
-        })?;
+        let inner = self.runtime().map_err(AdminError::from_refusal)?;
         let shard = inner.shard_index(E::NAME, &self.key);
         let ticket = inner.admit(shard).await.ok_or(AdminError::Closed)?;
         let (reply, answer) = oneshot::channel();

@@ -9,7 +9,7 @@ use crate::core::keys::Space;
 use crate::dead_letter::DeadLetter;
 use crate::effects::{self, EffectInfo, EffectKey};
 use crate::entity::Entity;
-use crate::error::{AdminError, SubmitError};
+use crate::error::AdminError;
 use crate::runtime::address::EntityRef;
 use crate::telemetry::RuntimeStats;
 
@@ -177,10 +177,7 @@ impl Runtime {
     /// [`AdminError::InvalidKey`] for an empty or over-long key; [`AdminError::Storage`] if
     /// the store cannot be read.
     pub async fn effects_of<E: Entity>(&self, key: &str) -> Result<Vec<EffectInfo>, AdminError> {
-        check_key(E::NAME, key).map_err(|e| match e {
-            SubmitError::InvalidKey { entity, reason } => AdminError::InvalidKey { entity, reason },
-            _ => AdminError::Closed,
-        })?;
+        check_key(E::NAME, key).map_err(AdminError::from_refusal)?;
         let found = effects::of_entity(&self.inner.store, E::NAME, key)?;
         self.inner.store.reads_durable().await?;
         Ok(found)
