@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use keystead::{Backend, Durability, Runtime};
+use keystead::{Backend, Durability, Priority, Runtime};
 use serde::{Deserialize, Serialize};
 
 #[path = "support/item.rs"]
@@ -254,6 +254,83 @@ async fn million() -> Result<Measured, Error> {
         all.extend(t.await?);
     }
     let measured = Measured::new(N, started.elapsed().as_secs_f64(), all);
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown().await;
+    }
+    Ok(measured)
+}
+
+/// Lanes under load: `flood` tasks, each asking in lane `flood_lane` as fast as replies come
+/// (on one hot key when `hot`, else on random keys), and one probe sender asking in lane
+/// `probe_lane` on random other keys, for `secs`. `shards`/`entity_cap`: `None` for the
+/// defaults. Measured: the probe's latencies; messages = all messages done.
+#[allow(clippy::too_many_arguments)]
+async fn mixed(
+    secs: f64,
+    flood: usize,
+    flood_lane: Priority,
+    hot: bool,
+    probe_lane: Priority,
+    shards: Option<usize>,
+    entity_cap: Option<usize>,
+) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let mut builder = Runtime::builder(dir.path()).register::<Item>();
+    if let Some(shards) = shards {
+        builder = builder.shards(shards);
+    }
+    if let Some(cap) = entity_cap {
+        builder = builder.entity_in_flight_max(cap);
+    }
+    let rt = Arc::new(builder.open()?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let flooders: Vec<_> = (0..flood)
+        .map(|s| {
+            let (rt, stop, done) = (rt.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (s as u64 + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    let key = if hot {
+                        "item-hot-000000".to_string()
+                    } else {
+                        key_name(next(&mut seed) % KEYS)
+                    };
+                    let e = rt.entity::<Item>(key);
+                    drop(e.ask(1).priority(flood_lane).await.expect("ask"));
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let probe = {
+        let (rt, stop, done) = (rt.clone(), stop.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seed = 0x51_7CC1_B727_220A;
+            let mut latencies = Vec::with_capacity(1 << 16);
+            while !stop.load(Ordering::Relaxed) {
+                let e = rt.entity::<Item>(key_name(next(&mut seed) % KEYS));
+                let t = Instant::now();
+                drop(e.ask(1).priority(probe_lane).await.expect("ask"));
+                latencies.push(micros(t));
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            latencies
+        })
+    };
+    // The measuring window (this is a benchmark, not a test: a timed window is the point).
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let latencies = probe.await?;
+    for t in flooders {
+        t.await?;
+    }
+    let measured = Measured::new(
+        done.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        latencies,
+    );
     if let Ok(rt) = Arc::try_unwrap(rt) {
         rt.shutdown().await;
     }
@@ -538,6 +615,45 @@ fn child(args: &[String]) -> Result<(), Error> {
             Some(param),
         ))?,
         "million" => tokio.block_on(million())?,
+        // Lanes: 8,192 low-priority flooders on random keys, a critical probe; the same
+        // with everything in one lane; a hot key flooded by 2,048 callers on one shard,
+        // with the default entity share and without one (the whole shard, 1,024).
+        "lanes-critical" => tokio.block_on(mixed(
+            secs,
+            8192,
+            Priority::Low,
+            false,
+            Priority::Critical,
+            None,
+            None,
+        ))?,
+        "lanes-one" => tokio.block_on(mixed(
+            secs,
+            8192,
+            Priority::Normal,
+            false,
+            Priority::Normal,
+            None,
+            None,
+        ))?,
+        "hot-shared" => tokio.block_on(mixed(
+            secs,
+            2048,
+            Priority::Normal,
+            true,
+            Priority::Normal,
+            Some(1),
+            None,
+        ))?,
+        "hot-uncapped" => tokio.block_on(mixed(
+            secs,
+            2048,
+            Priority::Normal,
+            true,
+            Priority::Normal,
+            Some(1),
+            Some(1024),
+        ))?,
         "ask-fjall" => tokio.block_on(drive(
             Backend::Fjall,
             Durability::Sync,
@@ -629,6 +745,10 @@ fn main() -> Result<(), Error> {
         by_load.push((fraction, offered, run("ask-load", short, offered)?));
     }
     let million = run("million", 0.0, 0.0)?;
+    let lanes_critical = run("lanes-critical", short, 0.0)?;
+    let lanes_one = run("lanes-one", short, 0.0)?;
+    let hot_shared = run("hot-shared", short, 0.0)?;
+    let hot_uncapped = run("hot-uncapped", short, 0.0)?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -770,6 +890,38 @@ fn main() -> Result<(), Error> {
         million.peak_rss_kib / 1024,
         ten_k.map_or(0.0, |r| r / million.rate().max(1e-9))
     );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "lanes: a probe sender's latency while callers flood (durable asks, sled)"
+    );
+    for (name, m) in [
+        (
+            "critical probe, 8,192 low flooders on 10,000 keys",
+            &lanes_critical,
+        ),
+        (
+            "normal probe, 8,192 normal flooders (one lane, for comparison)",
+            &lanes_one,
+        ),
+        (
+            "other key, 1 shard, 2,048 callers on one hot key (entity share 128)",
+            &hot_shared,
+        ),
+        (
+            "other key, the same without an entity share (1,024: the whole shard)",
+            &hot_uncapped,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "  {:<72} p50 {:>9}   p99 {:>9}   all {:>8.0} msgs/s",
+            name,
+            ms(m.p50_us),
+            ms(m.p99_us),
+            m.rate()
+        );
+    }
     print!("{out}");
     if let Err(e) = std::fs::write(&svg, plot(&by_keys, &by_load)) {
         eprintln!("could not write the plot to {svg}: {e}");

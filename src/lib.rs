@@ -90,6 +90,7 @@ mod entity;
 mod error;
 mod ids;
 mod outcome;
+mod priority;
 mod retry;
 mod runtime;
 mod store;
@@ -115,7 +116,8 @@ pub use effects::{
 pub use entity::{Context, Entity, Failure, FailureKind};
 pub use error::{AdminError, DecodeError, OpenError, StoreError, SubmitError};
 pub use outcome::{Outcome, OutcomeKind, Recorded};
+pub use priority::Priority;
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use runtime::{Runtime, RuntimeBuilder};
-pub use telemetry::RuntimeStats;
+pub use telemetry::{LaneStats, RuntimeStats};

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::Notify;
 
 use crate::outcome::OutcomeKind;
+use crate::priority::Priority;
 
 /// The span around the processing of one message.
 pub const SPAN_MESSAGE: &str = "keystead.message";
@@ -91,6 +92,69 @@ pub struct RuntimeStats {
     pub commit_batches: u64,
     /// Flushes to disk: one per batch or fewer (a flush covers every batch applied before it).
     pub flushes: u64,
+    /// Shard admission, per lane, indexed as [`Priority::ALL`] (highest first); read one
+    /// with [`RuntimeStats::lane`].
+    pub lanes: [LaneStats; 4],
+    /// Times a caller waited because its entity already held its share of the shard
+    /// ([`RuntimeBuilder::entity_in_flight_max`](crate::RuntimeBuilder::entity_in_flight_max)).
+    pub entity_capped: u64,
+}
+
+impl RuntimeStats {
+    /// The counters of one lane.
+    ///
+    /// ```
+    /// use keystead::{Priority, RuntimeStats};
+    /// assert_eq!(RuntimeStats::default().lane(Priority::Low).admitted, 0);
+    /// ```
+    pub fn lane(&self, priority: Priority) -> &LaneStats {
+        &self.lanes[priority.index()]
+    }
+}
+
+/// One lane's admission counters, summed over the shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LaneStats {
+    /// Slots held now by this lane's messages.
+    pub in_flight: u64,
+    /// Callers waiting for a slot now.
+    pub waiting: u64,
+    /// Callers admitted since open.
+    pub admitted: u64,
+    /// Of those, how many had to wait.
+    pub waited: u64,
+    /// Of those, how many were admitted by promotion (the lane had been passed over
+    /// [`RuntimeBuilder::lane_promote_after`](crate::RuntimeBuilder::lane_promote_after)
+    /// times, or took a slot of a higher lane's reserve that way).
+    pub promoted: u64,
+    /// The longest wait for a slot, in microseconds.
+    pub wait_us_max: u64,
+}
+
+/// One lane's live counters.
+#[derive(Debug, Default)]
+pub(crate) struct LaneCounters {
+    pub in_flight: AtomicU64,
+    pub waiting: AtomicU64,
+    pub admitted: AtomicU64,
+    pub waited: AtomicU64,
+    pub promoted: AtomicU64,
+    pub wait_us_max: AtomicU64,
+}
+
+impl LaneCounters {
+    fn snapshot(&self) -> LaneStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+        LaneStats {
+            in_flight: get(&self.in_flight),
+            waiting: get(&self.waiting),
+            admitted: get(&self.admitted),
+            waited: get(&self.waited),
+            promoted: get(&self.promoted),
+            wait_us_max: get(&self.wait_us_max),
+        }
+    }
 }
 
 /// The store's counters (written by the committer and flusher threads).
@@ -123,6 +187,8 @@ pub(crate) struct Stats {
     pub effects_dead_lettered: AtomicU64,
     pub effect_retries: AtomicU64,
     pub recovering: AtomicBool,
+    pub lanes: [LaneCounters; 4],
+    pub entity_capped: AtomicU64,
     /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)
     /// and [`Runtime::wait_until`](crate::Runtime::wait_until).
     pub changed: Notify,
@@ -173,6 +239,8 @@ impl Stats {
             commits: 0,
             commit_batches: 0,
             flushes: 0,
+            lanes: std::array::from_fn(|i| self.lanes[i].snapshot()),
+            entity_capped: get(&self.entity_capped),
         }
     }
 

@@ -9,11 +9,13 @@
 //! - [`hash`]: the stable hashes every layer shares.
 //! - [`effect`]: the pure record of an effect (identity, status moves, outbox record).
 //! - [`ops`]: one write of an atomic commit, as a value.
+//! - [`lanes`]: which priority lane goes next (strict priority, bounded starvation).
 
 pub(crate) mod apply;
 pub(crate) mod codec;
 pub(crate) mod effect;
 pub(crate) mod hash;
 pub(crate) mod keys;
+pub(crate) mod lanes;
 pub(crate) mod ops;
 pub(crate) mod records;

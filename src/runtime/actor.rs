@@ -23,8 +23,9 @@ use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
 use crate::outcome::{OutcomeKind, Recorded};
+use crate::runtime::admission::Ticket;
 use crate::runtime::mail::{AdminAction, AskReply, Forward, Idle, Job, Stop};
-use crate::runtime::shared::{Shared, Ticket};
+use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
 use crate::telemetry::{field, Stats};
 

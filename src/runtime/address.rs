@@ -15,9 +15,11 @@ use crate::core::records::{InboxRecord, Meta, StateRecord};
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
 use crate::ids;
+use crate::priority::Priority;
+use crate::runtime::admission::Ticket;
 use crate::runtime::inner::Inner;
 use crate::runtime::mail::{AdminAction, Deliver, Job};
-use crate::runtime::shared::{check_key, Ticket};
+use crate::runtime::shared::check_key;
 use crate::store::Op;
 
 /// The address of one entity: type `E`, key `key`.
@@ -96,6 +98,7 @@ struct Options {
     message_id: Option<String>,
     correlation_id: Option<String>,
     version: Option<u64>,
+    priority: Priority,
 }
 
 impl Options {
@@ -385,7 +388,11 @@ impl<E: Entity> EntityRef<E> {
     ) -> Result<bool, AdminError> {
         let inner = self.runtime().map_err(AdminError::from_refusal)?;
         let shard = inner.shard_index(E::NAME, &self.key);
-        let ticket = inner.admit(shard).await.ok_or(AdminError::Closed)?;
+        // An operator is waiting for this answer.
+        let ticket = inner
+            .admit(E::NAME, &self.key, Priority::High)
+            .await
+            .ok_or(AdminError::Closed)?;
         let (reply, answer) = oneshot::channel();
         let job = job(reply, ticket);
         inner.shards[shard]
@@ -445,6 +452,13 @@ impl<E: Entity> Ask<E> {
         self.options.correlation_id = Some(id.into());
         self
     }
+    /// The lane this message waits in for admission. Default: [`Priority::Normal`].
+    /// It orders this message against other entities' messages, never against this
+    /// entity's own (see [`Priority`]).
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.options.priority = priority;
+        self
+    }
 }
 
 impl<E: Entity> IntoFuture for Ask<E> {
@@ -456,13 +470,17 @@ impl<E: Entity> IntoFuture for Ask<E> {
             let inner = self.target.runtime()?;
             let key = self.target.key;
             let fresh_id = self.options.message_id.is_none();
+            let priority = self.options.priority;
             let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
             let closed = || SubmitError::Closed {
                 entity: E::NAME,
                 key: key.clone(),
             };
             let shard = inner.shard_index(E::NAME, &key);
-            let ticket = inner.admit(shard).await.ok_or_else(closed)?;
+            let ticket = inner
+                .admit(E::NAME, &key, priority)
+                .await
+                .ok_or_else(closed)?;
             let (reply, answer) = oneshot::channel();
             let message_id = meta.message_id.clone();
             let job = Job::<E>::Ask {
@@ -527,6 +545,13 @@ impl<E: Entity> Tell<E> {
         self.options.correlation_id = Some(id.into());
         self
     }
+    /// The lane this message waits in for admission. Default: [`Priority::Normal`]. The
+    /// admission slot is held until the message is processed, so a `Critical` tell is also
+    /// processed ahead of waiting lower lanes.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.options.priority = priority;
+        self
+    }
 }
 
 impl<E: Entity> IntoFuture for Tell<E> {
@@ -537,6 +562,7 @@ impl<E: Entity> IntoFuture for Tell<E> {
         Box::pin(async move {
             let inner = self.target.runtime()?;
             let key = self.target.key;
+            let priority = self.options.priority;
             let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
             let command = codec::encode(&self.command).map_err(|reason| SubmitError::Encode {
                 entity: E::NAME,
@@ -553,13 +579,14 @@ impl<E: Entity> IntoFuture for Tell<E> {
                 });
             }
             let shard = inner.shard_index(E::NAME, &key);
-            let ticket = inner
-                .admit(shard)
-                .await
-                .ok_or_else(|| SubmitError::Closed {
-                    entity: E::NAME,
-                    key: key.clone(),
-                })?;
+            let ticket =
+                inner
+                    .admit(E::NAME, &key, priority)
+                    .await
+                    .ok_or_else(|| SubmitError::Closed {
+                        entity: E::NAME,
+                        key: key.clone(),
+                    })?;
             let accepted = Accepted {
                 message_id: meta.message_id.clone(),
                 correlation_id: meta.correlation_id.clone(),

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use parking_lot::Mutex;
-use tokio::sync::Semaphore;
 
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
@@ -20,7 +19,9 @@ use crate::durability::Durability;
 use crate::effects::{self, AsyncExecutor, Effect, Effects, Executor};
 use crate::entity::Entity;
 use crate::error::{OpenError, StoreError};
+use crate::priority::Priority;
 use crate::retry::RetryPolicy;
+use crate::runtime::admission::{Gate, GateConfig};
 use crate::runtime::supervisor::Shard;
 use crate::store::{Store, StoreConfig};
 use crate::telemetry::Stats;
@@ -77,6 +78,7 @@ pub struct RuntimeBuilder {
     effect_retry: RetryPolicy,
     effect_workers: usize,
     effects_running_max: usize,
+    entity_in_flight_max: Option<usize>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -103,6 +105,8 @@ impl RuntimeBuilder {
                 passivate_after: Duration::from_secs(60),
                 message_size_max: 1 << 20,
                 in_flight_max: 1024,
+                entity_in_flight_max: 0,
+                lane_promote_after: 16,
                 log_payloads: false,
             },
             clock: Arc::new(SystemClock),
@@ -116,6 +120,7 @@ impl RuntimeBuilder {
             effect_retry: RetryPolicy::default(),
             effect_workers: 2,
             effects_running_max: 64,
+            entity_in_flight_max: None,
         }
     }
 
@@ -234,9 +239,27 @@ impl RuntimeBuilder {
         self
     }
 
-    /// How many messages one shard admits at once; further callers wait. Default: 1024.
+    /// How many messages one shard admits at once; further callers wait, in their lanes
+    /// (see [`Priority`]). Default: 1024. Lower lanes may not take the last slots: `High`
+    /// leaves 1/16 of them free, `Normal` 1/8, `Low` 1/4, for the lanes above.
     pub fn in_flight_max(mut self, messages: usize) -> Self {
         self.config.in_flight_max = messages;
+        self
+    }
+
+    /// How many of its shard's `in_flight_max` slots one entity may hold. Further callers of
+    /// that entity wait behind it, so a hot key's flood does not take the capacity other
+    /// keys on its shard need. Default: 1/8 of `in_flight_max` (128 of 1024), at least 1.
+    pub fn entity_in_flight_max(mut self, messages: usize) -> Self {
+        self.entity_in_flight_max = Some(messages);
+        self
+    }
+
+    /// How many admissions may pass over a waiting lane before its oldest caller is admitted
+    /// anyway (promoted), so no lane starves under a flood of higher ones. A lane that keeps
+    /// callers waiting is admitted within `admissions + 3` admissions. Default: 16.
+    pub fn lane_promote_after(mut self, admissions: u32) -> Self {
+        self.config.lane_promote_after = admissions;
         self
     }
 
@@ -292,6 +315,20 @@ impl RuntimeBuilder {
         }
         if self.config.in_flight_max == 0 || self.config.in_flight_max > 1 << 20 {
             return invalid("in_flight_max", "must be between 1 and 1048576");
+        }
+        if let Some(n) = self.entity_in_flight_max {
+            if n == 0 || n > self.config.in_flight_max {
+                return invalid(
+                    "entity_in_flight_max",
+                    "must be between 1 and in_flight_max (one entity's share of its shard)",
+                );
+            }
+        }
+        if self.config.lane_promote_after == 0 {
+            return invalid(
+                "lane_promote_after",
+                "must be at least 1 (a lower lane is promoted after this many admissions)",
+            );
         }
         if self.batch_messages_max == 0 {
             return invalid("batch_messages_max", "must be at least 1");
@@ -363,6 +400,9 @@ impl RuntimeBuilder {
             return Err(e);
         }
         self.validate()?;
+        self.config.entity_in_flight_max = self
+            .entity_in_flight_max
+            .unwrap_or((self.config.in_flight_max / 8).max(1));
         let total_in_flight = self.config.in_flight_max * self.shards;
         let store = Store::open(&StoreConfig {
             path: self.path.clone(),
@@ -405,13 +445,18 @@ impl RuntimeBuilder {
             self.effects_running_max,
         )
         .map_err(|e| OpenError::Threads(e.to_string()))?;
+        let gate = GateConfig {
+            capacity: self.config.in_flight_max,
+            entity_max: self.config.entity_in_flight_max,
+            promote_after: self.config.lane_promote_after,
+        };
         let (system, system_thread, arbiters, addrs) =
             start_system(self.shards, shared.clone(), store.clone(), effects.clone())?;
         let shards = addrs
             .into_iter()
             .map(|addr| ShardRef {
                 addr,
-                permits: Arc::new(Semaphore::new(self.config.in_flight_max)),
+                gate: Gate::new(gate, shared.clone()),
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -437,7 +482,7 @@ impl RuntimeBuilder {
             let weak = weak.clone();
             Box::pin(async move {
                 match weak.upgrade() {
-                    Some(inner) => inner.wake_entity(&entity, &key).await,
+                    Some(inner) => inner.wake_entity(&entity, &key, Priority::Normal).await,
                     None => false,
                 }
             })

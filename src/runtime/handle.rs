@@ -238,7 +238,7 @@ impl Runtime {
     /// open. Await [`Runtime::idle`] first to let them finish.
     pub async fn shutdown(self) {
         for shard in &self.inner.shards {
-            shard.permits.close();
+            shard.gate.close();
         }
         let stats = &self.inner.shared.stats;
         self.wait_until(|s| s.in_flight == 0 && !stats.recovering.load(Ordering::Acquire))

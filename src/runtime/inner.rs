@@ -12,20 +12,20 @@ use std::thread;
 use actix::prelude::*;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
-use tokio::sync::Semaphore;
 
 use crate::core::hash::fnv1a;
 use crate::effects::Effects;
 use crate::entity::Entity;
+use crate::priority::Priority;
+use crate::runtime::admission::{Gate, Ticket};
 use crate::runtime::mail::{Deliver, Job};
-use crate::runtime::shared::{Shared, Ticket};
+use crate::runtime::shared::Shared;
 use crate::runtime::supervisor::Shard;
 use crate::store::Store;
-use crate::telemetry::Stats;
 
 pub(crate) struct ShardRef {
     pub addr: Addr<Shard>,
-    pub permits: Arc<Semaphore>,
+    pub gate: Arc<Gate>,
 }
 
 /// How to wake a registered entity type's actor without knowing its Rust type.
@@ -87,30 +87,35 @@ impl Inner {
             .is_some_and(|r| r.type_id == TypeId::of::<E>())
     }
 
-    /// Waits for a ticket on `shard`: this is where callers feel backpressure.
-    pub(crate) async fn admit(&self, shard: usize) -> Option<Ticket> {
-        let permits = self.shards[shard].permits.clone();
-        let permit = permits.acquire_owned().await.ok()?;
+    /// Waits for a ticket for entity (`entity`, `key`) in lane `priority`: this is where
+    /// callers feel backpressure. `None` once the runtime is closing.
+    pub(crate) async fn admit(
+        &self,
+        entity: &'static str,
+        key: &str,
+        priority: Priority,
+    ) -> Option<Ticket> {
+        let shard = self.shard_index(entity, key);
+        let slot = self.shards[shard]
+            .gate
+            .acquire(entity, key, priority)
+            .await?;
         if self.is_closed() {
             return None;
         }
-        Stats::bump(&self.shared.stats.in_flight);
-        Some(Ticket {
-            _permit: permit,
-            shared: self.shared.clone(),
-        })
+        Some(Ticket::new(slot, self.shared.clone()))
     }
 
     /// Delivers a `Drain` to entity (`entity`, `key`) of a registered type, taking a ticket
-    /// like any caller. False when the type is unregistered or the runtime is closing.
-    pub(crate) async fn wake_entity(&self, entity: &str, key: &str) -> bool {
-        let Some(registration) = self.registry.get(entity).copied() else {
+    /// in lane `priority` like any caller. False when the runtime is closing.
+    pub(crate) async fn wake_entity(&self, entity: &str, key: &str, priority: Priority) -> bool {
+        let Some((&name, registration)) = self.registry.get_key_value(entity) else {
             tracing::warn!(target: "keystead", %entity, %key,
                 "inbox entries for an unregistered entity type stay in the inbox; register the type to process them");
             return true;
         };
-        let shard = self.shard_index(entity, key);
-        let Some(ticket) = self.admit(shard).await else {
+        let registration = *registration;
+        let Some(ticket) = self.admit(name, key, priority).await else {
             return false;
         };
         (registration.wake)(self, key.to_string(), ticket)
@@ -121,7 +126,7 @@ impl Inner {
             return;
         }
         for shard in &self.shards {
-            shard.permits.close();
+            shard.gate.close();
         }
         let Some(mut threads) = self.threads.lock().take() else {
             return;

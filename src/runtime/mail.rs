@@ -9,7 +9,7 @@ use crate::core::apply::OutcomeOf;
 use crate::core::records::Meta;
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
-use crate::runtime::shared::Ticket;
+use crate::runtime::admission::Ticket;
 
 /// Where the reply to an `ask` goes.
 pub(crate) type AskReply<E> = oneshot::Sender<Result<OutcomeOf<E>, SubmitError>>;

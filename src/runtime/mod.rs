@@ -2,7 +2,8 @@
 //! messages, and shutting down.
 //!
 //! Layers, lowest first (each imports only modules listed before it):
-//! - [`shared`]: settings, clock, counters, tickets, the key rule;
+//! - [`shared`]: settings, clock, counters, the key rule;
+//! - [`admission`]: each shard's gate in lanes, and the tickets it hands out;
 //! - [`mail`]: the messages between the parts;
 //! - [`actor`]: one entity's home;
 //! - [`supervisor`]: one shard, which starts and routes to its entities' actors;
@@ -14,6 +15,7 @@
 
 pub(crate) mod actor;
 pub(crate) mod address;
+pub(crate) mod admission;
 mod builder;
 mod handle;
 pub(crate) mod inner;

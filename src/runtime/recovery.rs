@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
+use crate::priority::Priority;
 use crate::runtime::inner::Inner;
 
 /// Clears the "recovering" flag however recovery ends (done, runtime closed, or dropped).
@@ -34,7 +35,7 @@ pub(crate) fn start_recovery(inner: &Arc<Inner>, entities: Vec<(String, String)>
         let _done = done;
         for (entity, key) in entities {
             let Some(inner) = weak.upgrade() else { return };
-            if !inner.wake_entity(&entity, &key).await {
+            if !inner.wake_entity(&entity, &key, Priority::Normal).await {
                 return;
             }
         }

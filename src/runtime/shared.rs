@@ -1,11 +1,9 @@
 //! What every part of the runtime shares: the settings fixed at open, the clock, the
-//! counters, the sequence counter, admission tickets, and the key rule.
+//! counters, the sequence counter, and the key rule.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::clock::Clock;
 use crate::core::keys::ENTITY_KEY_LEN_MAX;
@@ -22,6 +20,10 @@ pub(crate) struct Config {
     pub passivate_after: Duration,
     pub message_size_max: usize,
     pub in_flight_max: usize,
+    /// Slots one entity may hold of its shard's `in_flight_max`.
+    pub entity_in_flight_max: usize,
+    /// Grants a waiting lane may be passed over by before it is promoted.
+    pub lane_promote_after: u32,
     pub log_payloads: bool,
 }
 
@@ -40,22 +42,6 @@ impl Shared {
     /// sort after recovered entries. Commit it with `Store::commit_with_seq`.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// Admission: a caller holds one ticket from the moment it is admitted until its message is
-/// finished (for `tell`, until the inbox entry is retired). Tickets bound every in-memory
-/// queue: shard mailboxes, actor queues and the commit queue.
-#[derive(Debug)]
-pub(crate) struct Ticket {
-    pub(crate) _permit: OwnedSemaphorePermit,
-    pub(crate) shared: Arc<Shared>,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        Stats::drop_one(&self.shared.stats.in_flight);
-        self.shared.stats.notify();
     }
 }
 
