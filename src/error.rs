@@ -6,6 +6,7 @@
 //! handler and a dead-lettered message are [`Outcome`](crate::Outcome)s. Every variant that
 //! concerns one entity names its type and key, and every message says what to do.
 
+use crate::priority::Priority;
 use std::io;
 use std::path::PathBuf;
 
@@ -310,6 +311,28 @@ pub enum SubmitError {
         #[source]
         source: StoreError,
     },
+    /// The message's lane holds its limit of pending work (and, for
+    /// [`WhenFull::Block`](crate::WhenFull::Block), still did at the deadline). Nothing was
+    /// written; the command is given back ([`SubmitError::into_command`]).
+    #[error("lane {lane} is full for {entity} {key:?}: {pending} of {pending_max} messages, {pending_bytes} of {pending_bytes_max} bytes pending; send it again later, mark refreshable work sheddable, or raise RuntimeBuilder::lane_limits")]
+    Overloaded {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// The lane.
+        lane: Priority,
+        /// Messages pending in the lane.
+        pending: u64,
+        /// The lane's message limit.
+        pending_max: u64,
+        /// Bytes pending in the lane.
+        pending_bytes: u64,
+        /// The lane's byte limit.
+        pending_bytes_max: u64,
+        /// The refused command, to take back with [`SubmitError::into_command`].
+        command: Returned,
+    },
     /// The runtime stopped before the reply arrived. The message may or may not have been
     /// applied: send it again with the same message id to learn its outcome.
     #[error("no reply from {entity} {key:?} for message {message_id:?}: the runtime stopped; send it again with the same message id")]
@@ -333,9 +356,64 @@ impl SubmitError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SubmitError::Storage { source, .. } => source.is_retryable(),
-            SubmitError::ReplyLost { .. } => true,
+            SubmitError::ReplyLost { .. } | SubmitError::Overloaded { .. } => true,
             _ => false,
         }
+    }
+
+    /// The command a refusal gave back: `Some` for [`SubmitError::Overloaded`] when `C` is
+    /// the entity's command type.
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, LaneLimits, Priority, Runtime, SubmitError, WhenFull};
+    /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+    /// # #[error("never")] struct Never;
+    /// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+    /// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// // A lane that holds no pending work at all refuses every tell.
+    /// let rt = Runtime::builder(dir.path())
+    ///     .lane_limits(Priority::Low, LaneLimits::new(0, 0).when_full(WhenFull::Reject))
+    ///     .register::<Counter>()
+    ///     .open()?;
+    /// let refused = rt.entity::<Counter>("c").tell(7).priority(Priority::Low).await.unwrap_err();
+    /// assert!(refused.is_retryable());
+    /// assert_eq!(refused.into_command::<u64>(), Some(7));
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
+    pub fn into_command<C: 'static>(self) -> Option<C> {
+        match self {
+            SubmitError::Overloaded { command, .. } => command.take::<C>(),
+            _ => None,
+        }
+    }
+}
+
+/// A command given back by a refusal, typed away so that [`SubmitError`] stays one type
+/// for every entity. Take it back with [`SubmitError::into_command`].
+pub struct Returned(parking_lot::Mutex<Option<Box<dyn std::any::Any + Send>>>);
+
+impl Returned {
+    pub(crate) fn new<C: Send + 'static>(command: C) -> Self {
+        Self(parking_lot::Mutex::new(Some(Box::new(command))))
+    }
+
+    fn take<C: 'static>(self) -> Option<C> {
+        let command = self.0.into_inner()?;
+        command.downcast::<C>().ok().map(|c| *c)
+    }
+}
+
+impl std::fmt::Debug for Returned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Returned(..)")
     }
 }
 
@@ -383,5 +461,20 @@ pub enum AdminError {
         entity: &'static str,
         /// Entity key.
         key: String,
+    },
+    /// A requeue would put the lane over its limit; nothing changed (the message stays
+    /// where it was).
+    #[error("lane {lane} is full ({pending} of {pending_max} messages pending); requeue {entity} {key:?} once it drains, or raise RuntimeBuilder::lane_limits")]
+    Overloaded {
+        /// Entity type.
+        entity: &'static str,
+        /// Entity key.
+        key: String,
+        /// The lane.
+        lane: Priority,
+        /// Messages pending in the lane.
+        pending: u64,
+        /// The lane's limit.
+        pending_max: u64,
     },
 }

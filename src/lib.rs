@@ -107,16 +107,16 @@ pub use crate::core::codec::FORMAT_VERSION;
 pub use crate::core::keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
 pub use backend::Backend;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use dead_letter::DeadLetter;
+pub use dead_letter::{DeadLetter, Shed};
 pub use durability::Durability;
 pub use effects::{
     AsyncExecutor, Effect, EffectContext, EffectError, EffectInfo, EffectKey, EffectStatus,
     Executor, Feedback,
 };
 pub use entity::{Context, Entity, Failure, FailureKind};
-pub use error::{AdminError, DecodeError, OpenError, StoreError, SubmitError};
+pub use error::{AdminError, DecodeError, OpenError, Returned, StoreError, SubmitError};
 pub use outcome::{Outcome, OutcomeKind, Recorded};
-pub use priority::Priority;
+pub use priority::{LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use runtime::{Runtime, RuntimeBuilder};

@@ -1,11 +1,13 @@
-//! How urgent a message is: the lane it waits in wherever work waits.
+//! How urgent a message is (the lane it waits in wherever work waits), and how much durable
+//! work a lane may hold.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The priority of a message: which lane it waits in wherever work waits (today: shard
-/// admission). Higher lanes go first, and a lower lane still gets a bounded share (see
+/// The priority of a message: which lane it waits in wherever work waits (shard admission,
+/// and for `tell` the durable inbox until its entity takes it). Higher lanes go first, and a lower lane still gets a bounded share (see
 /// [`RuntimeBuilder::lane_promote_after`](crate::RuntimeBuilder::lane_promote_after)).
 ///
 /// Priority orders work *across* entities. It never reorders one entity's own messages:
@@ -65,6 +67,76 @@ impl Priority {
 impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What a `tell` meets when its lane already holds its limit of pending work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenFull {
+    /// Wait for room, at most this long, then refuse with
+    /// [`SubmitError::Overloaded`](crate::SubmitError::Overloaded).
+    Block(Duration),
+    /// Refuse at once with [`SubmitError::Overloaded`](crate::SubmitError::Overloaded).
+    Reject,
+}
+
+/// The most durable work one lane may hold: messages accepted by `tell` (or requeued) and not
+/// yet processed, counted and in bytes (encoded inbox records). Work the caller marked
+/// sheddable ([`Tell::sheddable`](crate::Tell::sheddable)) meets a full lane by going to the
+/// shed log; anything else meets [`WhenFull`].
+///
+/// ```
+/// use std::time::Duration;
+/// use keystead::{LaneLimits, WhenFull};
+/// let limits = LaneLimits::new(200_000, 256 << 20).when_full(WhenFull::Reject);
+/// assert_eq!(limits.pending_max(), 200_000);
+/// assert_eq!(LaneLimits::default().when_full_policy(), WhenFull::Block(Duration::from_secs(30)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneLimits {
+    pending_max: u64,
+    pending_bytes_max: u64,
+    when_full: WhenFull,
+}
+
+impl Default for LaneLimits {
+    /// 1,000,000 messages, 1 GiB, and a full lane blocks `tell` for up to 30 s.
+    fn default() -> Self {
+        Self {
+            pending_max: 1_000_000,
+            pending_bytes_max: 1 << 30,
+            when_full: WhenFull::Block(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl LaneLimits {
+    /// At most `pending_max` messages and `pending_bytes_max` bytes pending; when full, the
+    /// default policy (block up to 30 s).
+    pub fn new(pending_max: u64, pending_bytes_max: u64) -> Self {
+        Self {
+            pending_max,
+            pending_bytes_max,
+            ..Self::default()
+        }
+    }
+    /// What a `tell` meets when the lane is full. Default: `Block(30 s)`.
+    pub fn when_full(mut self, policy: WhenFull) -> Self {
+        self.when_full = policy;
+        self
+    }
+    /// The most messages pending.
+    pub fn pending_max(&self) -> u64 {
+        self.pending_max
+    }
+    /// The most bytes pending.
+    pub fn pending_bytes_max(&self) -> u64 {
+        self.pending_bytes_max
+    }
+    /// The policy for a full lane.
+    pub fn when_full_policy(&self) -> WhenFull {
+        self.when_full
     }
 }
 

@@ -4,7 +4,7 @@
 //! message is handled inside one span named [`SPAN_MESSAGE`] with the fields listed below;
 //! payloads and replies are recorded only when `RuntimeBuilder::log_payloads(true)`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -130,6 +130,14 @@ pub struct LaneStats {
     pub promoted: u64,
     /// The longest wait for a slot, in microseconds.
     pub wait_us_max: u64,
+    /// Messages of this lane accepted into the durable inbox and not yet processed.
+    pub pending: u64,
+    /// Their encoded size in bytes.
+    pub pending_bytes: u64,
+    /// `tell`s refused with `SubmitError::Overloaded` because the lane was full.
+    pub refused: u64,
+    /// Sheddable `tell`s moved to the shed log because the lane was full.
+    pub shed: u64,
 }
 
 /// One lane's live counters.
@@ -141,6 +149,8 @@ pub(crate) struct LaneCounters {
     pub waited: AtomicU64,
     pub promoted: AtomicU64,
     pub wait_us_max: AtomicU64,
+    pub refused: AtomicU64,
+    pub shed: AtomicU64,
 }
 
 impl LaneCounters {
@@ -153,6 +163,10 @@ impl LaneCounters {
             waited: get(&self.waited),
             promoted: get(&self.promoted),
             wait_us_max: get(&self.wait_us_max),
+            pending: 0,
+            pending_bytes: 0,
+            refused: get(&self.refused),
+            shed: get(&self.shed),
         }
     }
 }
@@ -186,7 +200,8 @@ pub(crate) struct Stats {
     pub effects_failed: AtomicU64,
     pub effects_dead_lettered: AtomicU64,
     pub effect_retries: AtomicU64,
-    pub recovering: AtomicBool,
+    /// Lane feeders (one per shard and lane) that have not read everything accepted.
+    pub feeds_behind: AtomicU64,
     pub lanes: [LaneCounters; 4],
     pub entity_capped: AtomicU64,
     /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)

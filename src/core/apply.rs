@@ -194,6 +194,8 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 pub(crate) struct Source {
     /// The inbox key to remove, for messages accepted by `tell` or requeued.
     pub inbox_key: Option<Vec<u8>>,
+    /// Its lane index entry, removed with it.
+    pub index_key: Option<Vec<u8>>,
     /// The encoded command, needed to dead-letter it.
     pub command_bytes: Option<Vec<u8>>,
     /// When the first attempt failed, if one did.
@@ -311,6 +313,9 @@ pub(crate) fn writes<E: Entity>(
     };
     if let Some(inbox_key) = &source.inbox_key {
         ops.push(Op::Delete(inbox_key.clone()));
+    }
+    if let Some(index_key) = &source.index_key {
+        ops.push(Op::Delete(index_key.clone()));
     }
     Ok(Some((ops, outcome)))
 }
@@ -513,6 +518,7 @@ mod tests {
         let cmd = Cmd::Set("a".into());
         let source = Source {
             inbox_key: Some(keys::inbox("sub", "k", 7)),
+            index_key: None,
             command_bytes: None,
             first_failed_at_ms: None,
         };

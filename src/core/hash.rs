@@ -12,6 +12,16 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// The shard of entity (`entity`, `key`) among `shards`: both names hashed apart, so that
+/// ("ab", "c") and ("a", "bc") do not collide by construction.
+pub(crate) fn shard_of(entity: &str, key: &str, shards: usize) -> usize {
+    let mut hash = fnv1a(entity.as_bytes());
+    hash ^= 0xff;
+    hash = hash.wrapping_mul(0x0100_0000_01b3);
+    hash ^= fnv1a(key.as_bytes());
+    (hash % shards.max(1) as u64) as usize
+}
+
 /// A small, well-mixed hash (SplitMix64's finaliser).
 pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -10,11 +10,15 @@
 //! |---|---|---|
 //! | `S` state | none | `StateRecord` |
 //! | `D` dedup | message id bytes | `DedupRecord` |
-//! | `I` inbox | sequence, u64 big-endian | `InboxRecord` |
+//! | `I` inbox | sequence, u64 big-endian, then the lane byte (absent in entries written before lanes: `Normal`) | `InboxRecord` |
+//! | `Q` lane index | none: `Q ++ shard u16 BE ++ lane u8 ++ sequence u64 BE` | the inbox key |
+//! | `H` shed log | message id bytes | `ShedRecord` |
 //! | `L` dead letters | message id bytes | `DeadLetterRecord` |
 //! | `M` meta | a name | small markers (layout version) |
 //! | `O` outbox | sequence u64 BE ++ index u32 BE | `EffectRecord`, unfinished |
 //! | `X` effect history | same as the outbox | `EffectRecord`, finished |
+
+use crate::priority::Priority;
 
 /// The keyspace byte that leads a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +31,8 @@ pub(crate) enum Space {
     Meta = b'M',
     Outbox = b'O',
     EffectHistory = b'X',
+    LaneIndex = b'Q',
+    Shed = b'H',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).
@@ -70,10 +76,51 @@ pub(crate) fn dedup(entity: &str, key: &str, message_id: &str) -> Vec<u8> {
     out
 }
 
-/// The key of an inbox entry; `seq` orders one entity's entries.
+/// The key of an inbox entry in the `Normal` lane; `seq` orders one entity's entries.
+#[cfg(test)]
 pub(crate) fn inbox(entity: &str, key: &str, seq: u64) -> Vec<u8> {
+    inbox_in(entity, key, seq, Priority::Normal)
+}
+
+/// The key of an inbox entry in lane `lane`. The lane follows the sequence, so one entity's
+/// entries stay in sequence order whatever their lanes.
+pub(crate) fn inbox_in(entity: &str, key: &str, seq: u64, lane: Priority) -> Vec<u8> {
     let mut out = entity_prefix(Space::Inbox, entity, key);
     out.extend_from_slice(&seq.to_be_bytes());
+    out.push(lane.index() as u8);
+    out
+}
+
+/// The lane of an inbox suffix: its ninth byte, or `Normal` for an entry written before
+/// lanes existed (eight bytes). `None` for a suffix of another length or an unknown lane.
+pub(crate) fn inbox_lane(suffix: &[u8]) -> Option<Priority> {
+    match suffix.len() {
+        8 => Some(Priority::Normal),
+        9 => Priority::ALL.get(usize::from(suffix[8])).copied(),
+        _ => None,
+    }
+}
+
+/// The prefix of shard `shard`'s lane `lane` in the lane index.
+pub(crate) fn lane_index_prefix(shard: usize, lane: Priority) -> Vec<u8> {
+    let shard = u16::try_from(shard).expect("shards are at most 1024");
+    let mut out = vec![Space::LaneIndex as u8];
+    out.extend_from_slice(&shard.to_be_bytes());
+    out.push(lane.index() as u8);
+    out
+}
+
+/// The lane index entry of the inbox entry with sequence `seq`.
+pub(crate) fn lane_index(shard: usize, lane: Priority, seq: u64) -> Vec<u8> {
+    let mut out = lane_index_prefix(shard, lane);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// The key of a shed message.
+pub(crate) fn shed(entity: &str, key: &str, message_id: &str) -> Vec<u8> {
+    let mut out = entity_prefix(Space::Shed, entity, key);
+    out.extend_from_slice(message_id.as_bytes());
     out
 }
 
@@ -125,9 +172,10 @@ pub(crate) fn parse(space: Space, bytes: &[u8]) -> Option<Parsed<'_>> {
     })
 }
 
-/// Reads an inbox suffix back as its sequence number.
+/// Reads an inbox suffix back as its sequence number (with or without its lane byte).
 pub(crate) fn inbox_seq(suffix: &[u8]) -> Option<u64> {
-    let bytes: [u8; 8] = suffix.try_into().ok()?;
+    inbox_lane(suffix)?;
+    let bytes: [u8; 8] = suffix.get(..8)?.try_into().ok()?;
     Some(u64::from_be_bytes(bytes))
 }
 
@@ -158,6 +206,21 @@ mod tests {
             prop_assert_eq!(parsed.entity, entity.as_str());
             prop_assert_eq!(parsed.key, key.as_str());
             prop_assert_eq!(inbox_seq(parsed.suffix), Some(seq));
+        }
+
+        #[test]
+        fn an_inbox_key_keeps_its_lane(entity in "[a-z]{1,20}", key in ".{0,60}", seq in any::<u64>(), lane in 0usize..4) {
+            let lane = Priority::ALL[lane];
+            let bytes = inbox_in(&entity, &key, seq, lane);
+            let parsed = parse(Space::Inbox, &bytes).expect("a key we built parses");
+            prop_assert_eq!(inbox_seq(parsed.suffix), Some(seq));
+            prop_assert_eq!(inbox_lane(parsed.suffix), Some(lane));
+            // An entry written before lanes (no lane byte) reads as Normal.
+            let mut old = entity_prefix(Space::Inbox, &entity, &key);
+            old.extend_from_slice(&seq.to_be_bytes());
+            let parsed = parse(Space::Inbox, &old).expect("parses");
+            prop_assert_eq!(inbox_seq(parsed.suffix), Some(seq));
+            prop_assert_eq!(inbox_lane(parsed.suffix), Some(Priority::Normal));
         }
 
         #[test]

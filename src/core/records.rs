@@ -73,6 +73,18 @@ pub(crate) struct DeadLetterRecord {
     pub last_failed_at_ms: u64,
 }
 
+/// A sheddable message refused by its full lane, kept until requeued or purged (keyspace
+/// `H`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ShedRecord {
+    pub meta: Meta,
+    pub command: Vec<u8>,
+    /// The lane it was sent in (`Priority::index`).
+    pub lane: u8,
+    /// When it was shed, ms since the epoch.
+    pub shed_at_ms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -18,6 +16,7 @@ use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
 use crate::core::records::{InboxRecord, Meta};
 use crate::error::StoreError;
+use crate::priority::Priority;
 use crate::retry::RetryPolicy;
 use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
@@ -29,10 +28,6 @@ use crate::core::effect::{
     feedback_id, EffectContext, EffectError, EffectKey, EffectRecord, EffectStatus,
 };
 
-/// Wakes entity (type, key) to read its inbox; false once the runtime is closing.
-pub(crate) type EntityWaker =
-    Arc<dyn Fn(String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
-
 /// The effect workers: a tokio runtime of their own, one lane per entity with pending
 /// effects, and a bound on effects running at once.
 pub(crate) struct Effects {
@@ -43,9 +38,6 @@ pub(crate) struct Effects {
     shared: Arc<Shared>,
     retry: RetryPolicy,
     running_max: Arc<Semaphore>,
-    /// Wakes an entity to read its inbox (feedback was delivered there); set by the runtime
-    /// once it is assembled, so the workers need not know the runtime's type.
-    waker: OnceLock<EntityWaker>,
     /// Active lanes; `true` when more work arrived while the lane was scanning.
     lanes: Mutex<HashMap<(String, String), bool>>,
     /// Independent effects being performed, by outbox key.
@@ -59,6 +51,9 @@ impl fmt::Debug for Effects {
             .finish_non_exhaustive()
     }
 }
+
+/// The lane feedback is delivered in.
+const FEEDBACK_LANE: Priority = Priority::Normal;
 
 /// How many outbox entries a lane reads per scan.
 const SCAN_MAX: usize = 64;
@@ -86,14 +81,9 @@ impl Effects {
             shared,
             retry,
             running_max: Arc::new(Semaphore::new(running_max)),
-            waker: OnceLock::new(),
             lanes: Mutex::new(HashMap::new()),
             independent: Mutex::new(HashSet::new()),
         }))
-    }
-
-    pub(crate) fn bind(&self, waker: EntityWaker) {
-        let _ = self.waker.set(waker);
     }
 
     /// True when an executor is registered for effect `name` recorded by entity `origin`.
@@ -265,20 +255,34 @@ impl Effects {
                     self.transition(&mut record, EffectStatus::Done, None);
                     span.record("status", "done");
                     let mut ops = self.finish_ops(outbox_key, &record)?;
-                    let feedback_seq = match feedback {
+                    let feedback = match feedback {
                         Some(command) => {
                             let seq = self.shared.next_seq();
-                            ops.push(self.feedback_op(&record, seq, command)?);
-                            Some(seq)
+                            let (feedback_ops, size) = self.feedback_ops(&record, seq, command)?;
+                            ops.extend(feedback_ops);
+                            Some((seq, size))
                         }
                         None => None,
                     };
-                    self.commit_with_seq(ops, feedback_seq.unwrap_or(0)).await?;
+                    // Feedback ends work already accepted: it is counted in its lane, never
+                    // refused (refusing it would lose the effect's result).
+                    if let Some((_, size)) = feedback {
+                        self.shared.backlog.force(FEEDBACK_LANE, size);
+                    }
+                    let seq = feedback.map_or(0, |(seq, _)| seq);
+                    if let Err(()) = self.commit_with_seq(ops, seq).await {
+                        if let Some((_, size)) = feedback {
+                            self.shared.backlog.release(FEEDBACK_LANE, size);
+                        }
+                        return Err(());
+                    }
                     Stats::bump(&self.shared.stats.effects_done);
                     tracing::info!(target: "keystead", parent: &span, "effect done");
-                    if feedback_seq.is_some() {
+                    if feedback.is_some() {
                         Stats::bump(&self.shared.stats.inbox_pending);
-                        self.deliver_feedback(&record.info.effect_key).await;
+                        let key = &record.info.effect_key;
+                        self.shared
+                            .accepted(&key.entity, &key.key, FEEDBACK_LANE, seq);
                     }
                     return Ok(());
                 }
@@ -346,7 +350,14 @@ impl Effects {
         ])
     }
 
-    fn feedback_op(&self, record: &EffectRecord, seq: u64, command: Vec<u8>) -> Result<Op, ()> {
+    /// The inbox entry (and its lane index entry) that delivers an executor's feedback to
+    /// the entity, and its encoded size.
+    fn feedback_ops(
+        &self,
+        record: &EffectRecord,
+        seq: u64,
+        command: Vec<u8>,
+    ) -> Result<(Vec<Op>, u64), ()> {
         let key = &record.info.effect_key;
         let inbox = InboxRecord {
             meta: Meta {
@@ -357,17 +368,19 @@ impl Effects {
             },
             command,
         };
-        Ok(Op::Put(
-            keys::inbox(&key.entity, &key.key, seq),
-            encode(&inbox)?,
+        let bytes = encode(&inbox)?;
+        let size = bytes.len() as u64;
+        let inbox_key = keys::inbox_in(&key.entity, &key.key, seq, FEEDBACK_LANE);
+        let index_key = self
+            .shared
+            .lane_index(&key.entity, &key.key, FEEDBACK_LANE, seq);
+        Ok((
+            vec![
+                Op::Put(inbox_key.clone(), bytes),
+                Op::Put(index_key, inbox_key),
+            ],
+            size,
         ))
-    }
-
-    async fn deliver_feedback(&self, key: &EffectKey) {
-        let Some(waker) = self.waker.get() else {
-            return;
-        };
-        waker(key.entity.clone(), key.key.clone()).await;
     }
 
     async fn commit(&self, ops: Vec<Op>) -> Result<(), ()> {

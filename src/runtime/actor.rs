@@ -18,16 +18,27 @@ use crate::core::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
 use crate::core::codec;
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
-use crate::core::records::{DeadLetterRecord, DedupRecord, InboxRecord, Meta, StateRecord};
+use crate::core::records::{
+    DeadLetterRecord, DedupRecord, InboxRecord, Meta, ShedRecord, StateRecord,
+};
 use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
 use crate::outcome::{OutcomeKind, Recorded};
+use crate::priority::Priority;
 use crate::runtime::admission::Ticket;
 use crate::runtime::mail::{AdminAction, AskReply, Forward, Idle, Job, Stop};
 use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
 use crate::telemetry::{field, Stats};
+
+/// What retiring an inbox entry removes and gives back: its lane index entry, and its room
+/// in the lane's backlog.
+struct Retire {
+    index_key: Vec<u8>,
+    lane: Priority,
+    bytes: u64,
+}
 
 /// One message on its way through the attempts.
 struct Work<E: Entity> {
@@ -40,7 +51,9 @@ struct Work<E: Entity> {
     attempt: u32,
     reply: Option<AskReply<E>>,
     /// For inbox work: the drain to continue once this message is retired.
-    drain: Option<(u64, Ticket)>,
+    drain: Option<(u64, Option<Ticket>)>,
+    /// For inbox work: its lane and encoded size, released from the backlog once retired.
+    retire: Option<(Priority, u64)>,
     /// Held for the life of an `ask`.
     ticket: Option<Ticket>,
     span: tracing::Span,
@@ -60,6 +73,8 @@ pub(crate) struct EntityActor<E: Entity> {
     stopping: bool,
     /// Jobs received from the shard; compared with the shard's count before passivation.
     received: u64,
+    /// The shard's inbox generation when this entity's inbox was last found empty.
+    inbox_empty_at: Option<u64>,
     idle_timer: Option<SpawnHandle>,
     /// Who asked for this passivation, told once the actor has stopped.
     stopped_reply: Option<oneshot::Sender<Result<bool, AdminError>>>,
@@ -84,6 +99,7 @@ impl<E: Entity> EntityActor<E> {
             busy: false,
             stopping: false,
             received: 0,
+            inbox_empty_at: None,
             idle_timer: None,
             stopped_reply: None,
         }
@@ -192,6 +208,29 @@ impl<E: Entity> EntityActor<E> {
                 fresh_id,
                 reply,
                 ticket,
+                inbox_up_to: Some(up_to),
+            } if self.inbox_has_entry_up_to(up_to) => {
+                // Entries acknowledged before this ask was sent go first: the ask waits
+                // behind a drain of them (which runs under the ask's ticket).
+                self.queue.push_front(Job::Ask {
+                    meta,
+                    command,
+                    expected_revision,
+                    fresh_id,
+                    reply,
+                    ticket,
+                    inbox_up_to: None,
+                });
+                self.drain_next(up_to, None, ctx);
+            }
+            Job::Ask {
+                meta,
+                command,
+                expected_revision,
+                fresh_id,
+                reply,
+                ticket,
+                inbox_up_to: _,
             } => {
                 let span = self.span(&meta);
                 let work = Work {
@@ -201,12 +240,14 @@ impl<E: Entity> EntityActor<E> {
                     fresh_id,
                     source: Source {
                         inbox_key: None,
+                        index_key: None,
                         command_bytes: None,
                         first_failed_at_ms: None,
                     },
                     attempt: 1,
                     reply: Some(reply),
                     drain: None,
+                    retire: None,
                     ticket: Some(ticket),
                     span,
                     started: Instant::now(),
@@ -220,6 +261,11 @@ impl<E: Entity> EntityActor<E> {
                 reply,
                 ticket,
             } => self.admin(action, message_id, reply, ticket, ctx),
+            Job::Prioritise {
+                lane,
+                reply,
+                ticket,
+            } => self.prioritise(lane, reply, ticket, ctx),
             Job::Passivate { reply, ticket } => {
                 drop(ticket);
                 if !self.queue.is_empty() || self.stopping {
@@ -243,6 +289,28 @@ impl<E: Entity> EntityActor<E> {
         }
     }
 
+    /// True if this entity's inbox holds an entry with a sequence up to `up_to`. Reads the
+    /// inbox only when something may have been written to it since the actor last found it
+    /// empty (the shard's inbox generation moved), so asks alone cost no read.
+    fn inbox_has_entry_up_to(&mut self, up_to: u64) -> bool {
+        let generation = self.shared.inbox_generation(E::NAME, &self.key);
+        if self.inbox_empty_at == Some(generation) {
+            return false;
+        }
+        let prefix = keys::entity_prefix(Space::Inbox, E::NAME, &self.key);
+        match self.store.first_with_prefix(&prefix) {
+            Ok(None) => {
+                self.inbox_empty_at = Some(generation);
+                false
+            }
+            Ok(Some((key, _))) => keys::parse(Space::Inbox, &key)
+                .and_then(|p| keys::inbox_seq(p.suffix))
+                .is_some_and(|seq| seq <= up_to),
+            // The drain reports read errors; the ask goes ahead.
+            Err(_) => false,
+        }
+    }
+
     fn span(&self, meta: &Meta) -> tracing::Span {
         tracing::info_span!(
             target: "keystead",
@@ -261,7 +329,7 @@ impl<E: Entity> EntityActor<E> {
 
     /// Takes the oldest inbox entry (if its sequence is within `up_to`) and processes it;
     /// the drain continues from `complete` once that entry is retired.
-    fn drain_next(&mut self, up_to: u64, ticket: Ticket, ctx: &mut Context<Self>) {
+    fn drain_next(&mut self, up_to: u64, ticket: Option<Ticket>, ctx: &mut Context<Self>) {
         let prefix = keys::entity_prefix(Space::Inbox, E::NAME, &self.key);
         let (inbox_key, bytes) = match self.store.first_with_prefix(&prefix) {
             Ok(Some(entry)) => entry,
@@ -272,10 +340,12 @@ impl<E: Entity> EntityActor<E> {
                 return;
             }
         };
-        let seq = keys::parse(Space::Inbox, &inbox_key).and_then(|p| keys::inbox_seq(p.suffix));
-        let Some(seq) = seq else {
+        let parsed = keys::parse(Space::Inbox, &inbox_key)
+            .and_then(|p| Some((keys::inbox_seq(p.suffix)?, keys::inbox_lane(p.suffix)?)));
+        let Some((seq, lane)) = parsed else {
             self.quarantine(
                 inbox_key,
+                None,
                 bytes,
                 "inbox key is malformed".into(),
                 up_to,
@@ -287,10 +357,16 @@ impl<E: Entity> EntityActor<E> {
         if seq > up_to {
             return;
         }
+        let retire = Retire {
+            index_key: self.shared.lane_index(E::NAME, &self.key, lane, seq),
+            lane,
+            bytes: bytes.len() as u64,
+        };
         let record: InboxRecord = match codec::decode("inbox entry", &bytes) {
             Ok(record) => record,
             Err(e) => {
-                self.quarantine(inbox_key, bytes, e.to_string(), up_to, ticket, ctx);
+                let error = e.to_string();
+                self.quarantine(inbox_key, Some(retire), bytes, error, up_to, ticket, ctx);
                 return;
             }
         };
@@ -299,7 +375,9 @@ impl<E: Entity> EntityActor<E> {
             Err(e) => {
                 // The envelope is readable: dead-letter it under its own id so an operator
                 // can see it, fix the type, and requeue it.
-                self.quarantine_message(inbox_key, record, e.to_string(), up_to, ticket, ctx);
+                let error = e.to_string();
+                let retire = Some(retire);
+                self.quarantine_message(inbox_key, retire, record, error, up_to, ticket, ctx);
                 return;
             }
         };
@@ -311,12 +389,14 @@ impl<E: Entity> EntityActor<E> {
             fresh_id: false,
             source: Source {
                 inbox_key: Some(inbox_key),
+                index_key: Some(retire.index_key),
                 command_bytes: Some(record.command),
                 first_failed_at_ms: None,
             },
             attempt: 1,
             reply: None,
             drain: Some((up_to, ticket)),
+            retire: Some((retire.lane, retire.bytes)),
             ticket: None,
             span,
             started: Instant::now(),
@@ -326,13 +406,15 @@ impl<E: Entity> EntityActor<E> {
 
     /// Moves an inbox entry that cannot be decoded at all to the dead letters, under a
     /// synthetic id, so it is neither lost nor retried forever.
+    #[allow(clippy::too_many_arguments)]
     fn quarantine(
         &mut self,
         inbox_key: Vec<u8>,
+        retire: Option<Retire>,
         raw: Vec<u8>,
         error: String,
         up_to: u64,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         ctx: &mut Context<Self>,
     ) {
         let now = self.shared.clock.now_ms();
@@ -351,16 +433,18 @@ impl<E: Entity> EntityActor<E> {
             },
             command: raw,
         };
-        self.quarantine_message(inbox_key, record, error, up_to, ticket, ctx);
+        self.quarantine_message(inbox_key, retire, record, error, up_to, ticket, ctx);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn quarantine_message(
         &mut self,
         inbox_key: Vec<u8>,
+        retire: Option<Retire>,
         record: InboxRecord,
         error: String,
         up_to: u64,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         ctx: &mut Context<Self>,
     ) {
         let now = self.shared.clock.now_ms();
@@ -376,13 +460,19 @@ impl<E: Entity> EntityActor<E> {
             last_failed_at_ms: now,
         };
         let ops = match codec::encode(&letter) {
-            Ok(bytes) => vec![
-                Op::Put(
-                    keys::dead_letter(E::NAME, &self.key, &record.meta.message_id),
-                    bytes,
-                ),
-                Op::Delete(inbox_key),
-            ],
+            Ok(bytes) => {
+                let mut ops = vec![
+                    Op::Put(
+                        keys::dead_letter(E::NAME, &self.key, &record.meta.message_id),
+                        bytes,
+                    ),
+                    Op::Delete(inbox_key),
+                ];
+                if let Some(retire) = &retire {
+                    ops.push(Op::Delete(retire.index_key.clone()));
+                }
+                ops
+            }
             Err(e) => {
                 tracing::error!(target: "keystead", error = %e, "cannot encode a dead letter; the entry stays in the inbox");
                 return;
@@ -394,6 +484,9 @@ impl<E: Entity> EntityActor<E> {
             act.busy = false;
             if result.is_ok() {
                 Stats::drop_one(&act.shared.stats.inbox_pending);
+                if let Some(retire) = &retire {
+                    act.shared.backlog.release(retire.lane, retire.bytes);
+                }
                 act.shared.stats.outcome(OutcomeKind::DeadLettered);
                 act.queue.push_front(Job::Drain { up_to, ticket });
             }
@@ -439,6 +532,7 @@ impl<E: Entity> EntityActor<E> {
             Verdict::Retry { error, panicked } => {
                 self.after_failure(panicked);
                 Stats::bump(&self.shared.stats.retries);
+                self.shared.stats.notify();
                 work.source.first_failed_at_ms.get_or_insert(now);
                 let seed = splitmix64(fnv1a(work.meta.message_id.as_bytes()));
                 let delay = self.shared.config.retry.backoff(work.attempt, seed);
@@ -649,6 +743,9 @@ impl<E: Entity> EntityActor<E> {
         if work.source.inbox_key.is_some() {
             Stats::drop_one(&self.shared.stats.inbox_pending);
         }
+        if let Some((lane, bytes)) = work.retire {
+            self.shared.backlog.release(lane, bytes);
+        }
         self.record_span(&work, kind.as_str(), revision);
         if self.shared.config.log_payloads {
             tracing::info!(target: "keystead", parent: &work.span, outcome = kind.as_str(),
@@ -687,79 +784,204 @@ impl<E: Entity> EntityActor<E> {
         ticket: Ticket,
         ctx: &mut Context<Self>,
     ) {
-        let letter_key = keys::dead_letter(E::NAME, &self.key, &message_id);
-        let admin_error = |source| AdminError::Storage(source);
-        let bytes = match self.store.get(&letter_key) {
+        let record_key = match action {
+            AdminAction::Requeue | AdminAction::Purge => {
+                keys::dead_letter(E::NAME, &self.key, &message_id)
+            }
+            AdminAction::RequeueShed | AdminAction::PurgeShed => {
+                keys::shed(E::NAME, &self.key, &message_id)
+            }
+        };
+        let bytes = match self.store.get(&record_key) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
                 let _ = reply.send(Ok(false));
                 return;
             }
             Err(e) => {
-                let _ = reply.send(Err(admin_error(e)));
+                let _ = reply.send(Err(AdminError::Storage(e)));
                 return;
             }
         };
-        let (ops, requeued_seq) = match action {
-            AdminAction::Purge => (vec![Op::Delete(letter_key)], None),
+        let decode_error = |source| AdminError::Decode {
+            entity: E::NAME,
+            key: self.key.clone(),
+            source,
+        };
+        // What goes back into the inbox, in which lane.
+        let (meta, command, lane) = match action {
+            AdminAction::Purge | AdminAction::PurgeShed => {
+                return self.admin_commit(vec![Op::Delete(record_key)], None, reply, ticket, ctx);
+            }
             AdminAction::Requeue => {
-                let letter: DeadLetterRecord = match codec::decode("dead letter", &bytes) {
-                    Ok(letter) => letter,
+                match codec::decode::<DeadLetterRecord>("dead letter", &bytes) {
+                    Ok(letter) => (letter.meta, letter.command, Priority::Normal),
                     Err(source) => {
-                        let _ = reply.send(Err(AdminError::Decode {
-                            entity: E::NAME,
-                            key: self.key.clone(),
-                            source,
-                        }));
+                        let _ = reply.send(Err(decode_error(source)));
                         return;
-                    }
-                };
-                let seq = self.shared.next_seq();
-                let inbox = InboxRecord {
-                    meta: letter.meta,
-                    command: letter.command,
-                };
-                let inbox_bytes = match codec::encode(&inbox) {
-                    Ok(bytes) => bytes,
-                    Err(e) => {
-                        let _ = reply.send(Err(AdminError::Storage(StoreError::Io {
-                            op: "requeue",
-                            source: std::io::Error::other(e),
-                        })));
-                        return;
-                    }
-                };
-                let mut ops = vec![
-                    Op::Delete(letter_key),
-                    Op::Put(keys::inbox(E::NAME, &self.key, seq), inbox_bytes),
-                ];
-                // The id keeps its identity: drop only the "dead-lettered" dedup record, so
-                // the requeued message is processed, and never a record of another outcome.
-                let dedup_key = keys::dedup(E::NAME, &self.key, &message_id);
-                if let Ok(Some(dedup)) = self.dedup_lookup(&message_id) {
-                    if matches!(dedup, Recorded::DeadLettered { .. }) {
-                        ops.push(Op::Delete(dedup_key));
                     }
                 }
-                (ops, Some(seq))
+            }
+            AdminAction::RequeueShed => match codec::decode::<ShedRecord>("shed message", &bytes) {
+                Ok(shed) => {
+                    let lane = Priority::ALL
+                        .get(usize::from(shed.lane))
+                        .copied()
+                        .unwrap_or_default();
+                    (shed.meta, shed.command, lane)
+                }
+                Err(source) => {
+                    let _ = reply.send(Err(decode_error(source)));
+                    return;
+                }
+            },
+        };
+        let inbox_bytes = match codec::encode(&InboxRecord { meta, command }) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = reply.send(Err(AdminError::Storage(StoreError::Io {
+                    op: "requeue",
+                    source: std::io::Error::other(e),
+                })));
+                return;
             }
         };
+        // A requeued message takes room in its lane like any other: never over the limit.
+        let size = inbox_bytes.len() as u64;
+        if let Err(full) = self.shared.backlog.try_reserve(lane, size) {
+            let _ = reply.send(Err(AdminError::Overloaded {
+                entity: E::NAME,
+                key: self.key.clone(),
+                lane,
+                pending: full.pending,
+                pending_max: full.limits.pending_max(),
+            }));
+            return;
+        }
+        let seq = self.shared.next_seq();
+        let mut ops = vec![
+            Op::Delete(record_key),
+            Op::Put(keys::inbox_in(E::NAME, &self.key, seq, lane), inbox_bytes),
+            Op::Put(
+                self.shared.lane_index(E::NAME, &self.key, lane, seq),
+                keys::inbox_in(E::NAME, &self.key, seq, lane),
+            ),
+        ];
+        // The id keeps its identity: drop only the "dead-lettered" dedup record, so the
+        // requeued message is processed, and never a record of another outcome.
+        if let Ok(Some(Recorded::DeadLettered { .. })) = self.dedup_lookup(&message_id) {
+            ops.push(Op::Delete(keys::dedup(E::NAME, &self.key, &message_id)));
+        }
+        self.admin_commit(ops, Some((lane, seq, size)), reply, ticket, ctx);
+    }
+
+    /// Moves every pending inbox entry of this entity whose lane is below `lane` into
+    /// `lane`: same sequence (so the entity's order is kept), new lane byte, new index entry.
+    /// Reads only this entity's inbox. The work moves with its room in the backlog; it is
+    /// not new work, so the higher lane takes it even when full.
+    fn prioritise(
+        &mut self,
+        lane: Priority,
+        reply: oneshot::Sender<Result<u64, AdminError>>,
+        ticket: Ticket,
+        ctx: &mut Context<Self>,
+    ) {
+        let prefix = keys::entity_prefix(Space::Inbox, E::NAME, &self.key);
+        let mut ops = Vec::new();
+        let mut moves = Vec::new();
+        let entries = match self.store.scan_prefix(&prefix) {
+            Ok(scan) => scan,
+            Err(e) => {
+                let _ = reply.send(Err(AdminError::Storage(e)));
+                return;
+            }
+        };
+        for entry in entries {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    let _ = reply.send(Err(AdminError::Storage(e)));
+                    return;
+                }
+            };
+            let parsed = keys::parse(Space::Inbox, &key)
+                .and_then(|p| Some((keys::inbox_seq(p.suffix)?, keys::inbox_lane(p.suffix)?)));
+            let Some((seq, from)) = parsed else { continue };
+            if from >= lane {
+                continue;
+            }
+            let moved = keys::inbox_in(E::NAME, &self.key, seq, lane);
+            ops.push(Op::Delete(key));
+            ops.push(Op::Delete(self.shared.lane_index(
+                E::NAME,
+                &self.key,
+                from,
+                seq,
+            )));
+            ops.push(Op::Put(
+                self.shared.lane_index(E::NAME, &self.key, lane, seq),
+                moved.clone(),
+            ));
+            moves.push((from, seq, value.len() as u64));
+            ops.push(Op::Put(moved, value));
+        }
+        if moves.is_empty() {
+            let _ = reply.send(Ok(0));
+            return;
+        }
         self.busy = true;
-        let commit = self.store.commit_with_seq(ops, requeued_seq.unwrap_or(0));
+        let commit = self.store.commit(ops);
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
             act.busy = false;
             match result {
                 Ok(()) => {
-                    if let Some(seq) = requeued_seq {
-                        Stats::bump(&act.shared.stats.inbox_pending);
-                        act.queue.push_front(Job::Drain { up_to: seq, ticket });
+                    for &(from, seq, size) in &moves {
+                        act.shared.backlog.release(from, size);
+                        act.shared.backlog.force(lane, size);
+                        act.shared.accepted(E::NAME, &act.key, lane, seq);
                     }
-                    let _ = reply.send(Ok(true));
+                    let _ = reply.send(Ok(moves.len() as u64));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(AdminError::Storage(e)));
                 }
             }
+            drop(ticket);
+            act.pump(ctx);
+        }));
+    }
+
+    /// Commits an admin action; a requeue (`lane`, `seq`, `size`) is then handed to its
+    /// lane's feeder, or its room given back if the commit failed.
+    fn admin_commit(
+        &mut self,
+        ops: Vec<Op>,
+        requeued: Option<(Priority, u64, u64)>,
+        reply: oneshot::Sender<Result<bool, AdminError>>,
+        ticket: Ticket,
+        ctx: &mut Context<Self>,
+    ) {
+        self.busy = true;
+        let seq = requeued.map_or(0, |(_, seq, _)| seq);
+        let commit = self.store.commit_with_seq(ops, seq);
+        ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            match result {
+                Ok(()) => {
+                    if let Some((lane, seq, _)) = requeued {
+                        Stats::bump(&act.shared.stats.inbox_pending);
+                        act.shared.accepted(E::NAME, &act.key, lane, seq);
+                    }
+                    let _ = reply.send(Ok(true));
+                }
+                Err(e) => {
+                    if let Some((lane, _, size)) = requeued {
+                        act.shared.backlog.release(lane, size);
+                    }
+                    let _ = reply.send(Err(AdminError::Storage(e)));
+                }
+            }
+            drop(ticket);
             act.pump(ctx);
         }));
     }

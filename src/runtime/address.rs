@@ -4,6 +4,7 @@
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::oneshot;
@@ -11,9 +12,9 @@ use tokio::sync::oneshot;
 use crate::core::apply::{Loaded, OutcomeOf};
 use crate::core::codec;
 use crate::core::keys::{self, MESSAGE_ID_LEN_MAX};
-use crate::core::records::{InboxRecord, Meta, StateRecord};
+use crate::core::records::{InboxRecord, Meta, ShedRecord, StateRecord};
 use crate::entity::Entity;
-use crate::error::{AdminError, SubmitError};
+use crate::error::{AdminError, Returned, SubmitError};
 use crate::ids;
 use crate::priority::Priority;
 use crate::runtime::admission::Ticket;
@@ -21,6 +22,7 @@ use crate::runtime::inner::Inner;
 use crate::runtime::mail::{AdminAction, Deliver, Job};
 use crate::runtime::shared::check_key;
 use crate::store::Op;
+use crate::telemetry::Stats;
 
 /// The address of one entity: type `E`, key `key`.
 ///
@@ -88,6 +90,10 @@ pub struct Accepted {
     pub message_id: String,
     /// The correlation id (given or generated).
     pub correlation_id: String,
+    /// True when the message was sheddable and its lane full: it went to the shed log
+    /// ([`Runtime::shed`](crate::Runtime::shed)) instead of the inbox, and is processed only
+    /// if requeued.
+    pub shed: bool,
 }
 
 type Submit<T> = Pin<Box<dyn Future<Output = Result<T, SubmitError>> + Send>>;
@@ -99,6 +105,7 @@ struct Options {
     correlation_id: Option<String>,
     version: Option<u64>,
     priority: Priority,
+    sheddable: bool,
 }
 
 impl Options {
@@ -325,12 +332,89 @@ impl<E: Entity> EntityRef<E> {
         self.admin(AdminAction::Requeue, message_id).await
     }
 
+    /// Moves the shed message `message_id` back into this entity's inbox, in its lane,
+    /// keeping its id. Returns `false` if there is no such shed message (so requeueing twice
+    /// cannot apply a message twice).
+    ///
+    /// # Errors
+    /// [`AdminError::Overloaded`] if its lane is still full (it stays in the shed log);
+    /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
+    pub async fn requeue_shed(&self, message_id: &str) -> Result<bool, AdminError> {
+        self.admin(AdminAction::RequeueShed, message_id).await
+    }
+
+    /// Deletes the shed message `message_id`. Returns `false` if there was none.
+    ///
+    /// # Errors
+    /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
+    pub async fn purge_shed(&self, message_id: &str) -> Result<bool, AdminError> {
+        self.admin(AdminAction::PurgeShed, message_id).await
+    }
+
     /// Deletes the dead letter `message_id`. Returns `false` if there was none.
     ///
     /// # Errors
     /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
     pub async fn purge_dead_letter(&self, message_id: &str) -> Result<bool, AdminError> {
         self.admin(AdminAction::Purge, message_id).await
+    }
+
+    /// Raises this entity's pending inbox messages (accepted by `tell`, not yet processed)
+    /// to lane `lane`, so that they are taken ahead of the lanes below: a product a user just
+    /// searched for gets its pending refresh first. Messages already in `lane` or above keep
+    /// theirs; the entity still applies its messages in the order they were accepted.
+    /// Reads only this entity's inbox, and the move is durable. Returns how many moved.
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, Priority, Runtime};
+    /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+    /// # #[error("never")] struct Never;
+    /// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+    /// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
+    /// let product = rt.entity::<Counter>("p-1");
+    /// product.tell(1).priority(Priority::Low).await?;
+    /// let moved = product.prioritise(Priority::Critical).await?; // 0 if already processed
+    /// assert!(moved <= 1);
+    /// rt.idle().await;
+    /// assert_eq!(product.snapshot().await?.state, 1);
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
+    pub async fn prioritise(&self, lane: Priority) -> Result<u64, AdminError> {
+        let inner = self.runtime().map_err(AdminError::from_refusal)?;
+        let shard = inner.shard_index(E::NAME, &self.key);
+        let ticket = inner
+            .admit(E::NAME, &self.key, Priority::High)
+            .await
+            .ok_or(AdminError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        inner.shards[shard]
+            .addr
+            .try_send(Deliver {
+                key: self.key.clone(),
+                job: Job::<E>::Prioritise {
+                    lane,
+                    reply,
+                    ticket,
+                },
+            })
+            .map_err(|_| AdminError::Closed)?;
+        drop(inner);
+        answer.await.unwrap_or(Err(AdminError::Interrupted {
+            entity: E::NAME,
+            key: self.key.clone(),
+        }))
     }
 
     /// Stops this entity's actor once the jobs before this call are done, as the runtime
@@ -490,6 +574,7 @@ impl<E: Entity> IntoFuture for Ask<E> {
                 fresh_id,
                 reply,
                 ticket,
+                inbox_up_to: Some(inner.shared.seq.load(Ordering::Acquire)),
             };
             inner.shards[shard]
                 .addr
@@ -545,11 +630,19 @@ impl<E: Entity> Tell<E> {
         self.options.correlation_id = Some(id.into());
         self
     }
-    /// The lane this message waits in for admission. Default: [`Priority::Normal`]. The
-    /// admission slot is held until the message is processed, so a `Critical` tell is also
-    /// processed ahead of waiting lower lanes.
+    /// The lane this message waits in: for admission, and in the durable inbox until its
+    /// entity takes it (a lane's feeder wakes entities in lane order). Default:
+    /// [`Priority::Normal`]. The lane's [`LaneLimits`](crate::LaneLimits) bound what it holds.
     pub fn priority(mut self, priority: Priority) -> Self {
         self.options.priority = priority;
+        self
+    }
+    /// Marks the message as sheddable (a refresh, a recomputation that a later one
+    /// replaces): if its lane is full, it goes to the durable shed log
+    /// ([`Runtime::shed`](crate::Runtime::shed)) and `tell` returns `Ok` with
+    /// [`Accepted::shed`] set, instead of waiting or being refused. Default: not sheddable.
+    pub fn sheddable(mut self) -> Self {
+        self.options.sheddable = true;
         self
     }
 }
@@ -563,12 +656,14 @@ impl<E: Entity> IntoFuture for Tell<E> {
             let inner = self.target.runtime()?;
             let key = self.target.key;
             let priority = self.options.priority;
+            let sheddable = self.options.sheddable;
             let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
-            let command = codec::encode(&self.command).map_err(|reason| SubmitError::Encode {
+            let encode_error = |reason| SubmitError::Encode {
                 entity: E::NAME,
                 key: key.clone(),
                 reason,
-            })?;
+            };
+            let command = codec::encode(&self.command).map_err(encode_error)?;
             let max = inner.shared.config.message_size_max;
             if command.len() > max {
                 return Err(SubmitError::TooLarge {
@@ -578,45 +673,90 @@ impl<E: Entity> IntoFuture for Tell<E> {
                     max,
                 });
             }
-            let shard = inner.shard_index(E::NAME, &key);
-            let ticket =
-                inner
-                    .admit(E::NAME, &key, priority)
-                    .await
-                    .ok_or_else(|| SubmitError::Closed {
-                        entity: E::NAME,
-                        key: key.clone(),
-                    })?;
             let accepted = Accepted {
                 message_id: meta.message_id.clone(),
                 correlation_id: meta.correlation_id.clone(),
+                shed: false,
             };
             let record = InboxRecord { meta, command };
-            let bytes = codec::encode(&record).map_err(|reason| SubmitError::Encode {
-                entity: E::NAME,
-                key: key.clone(),
-                reason,
-            })?;
-            let seq = inner.shared.next_seq();
-            let commit = inner
-                .store
-                .commit_with_seq(vec![Op::Put(keys::inbox(E::NAME, &key, seq), bytes)], seq);
-            commit.await.map_err(|source| SubmitError::Storage {
+            let bytes = codec::encode(&record).map_err(encode_error)?;
+            let size = bytes.len() as u64;
+            // Room in the lane first, holding nothing while we wait for it: the work that
+            // makes room needs admission slots.
+            let backlog = &inner.shared.backlog;
+            let room = if sheddable {
+                backlog.try_reserve(priority, size)
+            } else {
+                backlog.reserve(priority, size).await
+            };
+            let storage = |source| SubmitError::Storage {
                 entity: E::NAME,
                 key: key.clone(),
                 source,
-            })?;
+            };
+            let closed = || SubmitError::Closed {
+                entity: E::NAME,
+                key: key.clone(),
+            };
+            if let Err(full) = room {
+                let counters = &inner.shared.stats.lanes[priority.index()];
+                if !sheddable {
+                    Stats::bump(&counters.refused);
+                    return Err(SubmitError::Overloaded {
+                        entity: E::NAME,
+                        key: key.clone(),
+                        lane: priority,
+                        pending: full.pending,
+                        pending_max: full.limits.pending_max(),
+                        pending_bytes: full.pending_bytes,
+                        pending_bytes_max: full.limits.pending_bytes_max(),
+                        command: Returned::new(self.command),
+                    });
+                }
+                // Kept, not dropped: the shed log is durable, listable and requeueable.
+                let shed = ShedRecord {
+                    meta: record.meta,
+                    command: record.command,
+                    lane: priority.index() as u8,
+                    shed_at_ms: inner.shared.clock.now_ms(),
+                };
+                let shed_bytes = codec::encode(&shed).map_err(encode_error)?;
+                let shed_key = keys::shed(E::NAME, &key, &accepted.message_id);
+                let _accepting = inner.accept(E::NAME, &key).await.ok_or_else(closed)?;
+                let commit = inner.store.commit(vec![Op::Put(shed_key, shed_bytes)]);
+                commit.await.map_err(storage)?;
+                Stats::bump(&counters.shed);
+                tracing::info!(target: "keystead", entity = E::NAME, key = %key,
+                    message_id = %accepted.message_id, lane = %priority, "lane full; sheddable message moved to the shed log");
+                return Ok(Accepted {
+                    shed: true,
+                    ..accepted
+                });
+            }
+            // This bounds the memory of messages being written; it is released once the
+            // entry is durable, and the entry waits on disk for its lane's feeder.
+            let Some(accepting) = inner.accept(E::NAME, &key).await else {
+                backlog.release(priority, size);
+                return Err(closed());
+            };
+            let seq = inner.shared.next_seq();
+            let inbox_key = keys::inbox_in(E::NAME, &key, seq, priority);
+            let ops = vec![
+                Op::Put(inbox_key.clone(), bytes),
+                Op::Put(
+                    inner.shared.lane_index(E::NAME, &key, priority, seq),
+                    inbox_key,
+                ),
+            ];
+            if let Err(source) = inner.store.commit_with_seq(ops, seq).await {
+                backlog.release(priority, size);
+                return Err(storage(source));
+            }
             // Durable from here on: the message will be processed even if what follows
             // fails (then at the next open).
-            crate::telemetry::Stats::bump(&inner.shared.stats.inbox_pending);
-            let job = Job::<E>::Drain { up_to: seq, ticket };
-            if inner.shards[shard]
-                .addr
-                .try_send(Deliver { key, job })
-                .is_err()
-            {
-                tracing::debug!(target: "keystead", "runtime closing; the accepted message waits in the inbox");
-            }
+            Stats::bump(&inner.shared.stats.inbox_pending);
+            inner.shared.accepted(E::NAME, &key, priority, seq);
+            drop(accepting);
             Ok(accepted)
         })
     }

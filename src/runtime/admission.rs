@@ -360,12 +360,23 @@ impl State {
 }
 
 /// Admission: a caller holds one ticket from the moment it is admitted until its message is
-/// finished (for `tell`, until the inbox entry is retired). Tickets bound every in-memory
-/// queue: shard mailboxes, actor queues and the commit queue.
-#[derive(Debug)]
+/// finished (for `tell`, until its inbox entry is written; a lane feeder then holds one for
+/// each entity it drains). Tickets bound every in-memory queue: shard mailboxes, actor queues
+/// and the commit queue.
 pub(crate) struct Ticket {
     slot: Option<Slot>,
     shared: Arc<Shared>,
+    /// Run when the ticket is released, before `in_flight` falls (the lane feeders use it
+    /// to wake an entity again once its drain ends).
+    on_release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ticket {
@@ -374,7 +385,14 @@ impl Ticket {
         Self {
             slot: Some(slot),
             shared,
+            on_release: None,
         }
+    }
+
+    /// Runs `hook` when the ticket is released.
+    pub(crate) fn on_release(mut self, hook: Box<dyn FnOnce() + Send>) -> Self {
+        self.on_release = Some(hook);
+        self
     }
 }
 
@@ -382,6 +400,9 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         // Free the slot first, so that whoever sees `in_flight` fall sees the lanes free too.
         drop(self.slot.take());
+        if let Some(hook) = self.on_release.take() {
+            hook();
+        }
         Stats::drop_one(&self.shared.stats.in_flight);
         self.shared.stats.notify();
     }
@@ -410,6 +431,7 @@ mod tests {
                 passivate_after: Duration::from_secs(1),
                 message_size_max: 1,
                 in_flight_max: capacity,
+                shards: 1,
                 entity_in_flight_max: entity_max,
                 lane_promote_after: promote_after,
                 log_payloads: false,
@@ -417,6 +439,9 @@ mod tests {
             clock: Arc::new(SystemClock),
             stats: Stats::default(),
             seq: AtomicU64::new(1),
+            backlog: crate::runtime::backlog::Backlog::new(Default::default()),
+            feeds: vec![Default::default()],
+            inbox_generations: vec![AtomicU64::new(0)],
         });
         Gate::new(
             GateConfig {

@@ -14,22 +14,24 @@ use parking_lot::Mutex;
 
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
+use crate::core::hash::shard_of;
 use crate::core::keys::{self, Space, ENTITY_NAME_LEN_MAX};
 use crate::durability::Durability;
 use crate::effects::{self, AsyncExecutor, Effect, Effects, Executor};
 use crate::entity::Entity;
 use crate::error::{OpenError, StoreError};
-use crate::priority::Priority;
+use crate::priority::{LaneLimits, Priority};
 use crate::retry::RetryPolicy;
 use crate::runtime::admission::{Gate, GateConfig};
+use crate::runtime::backlog::Backlog;
+use crate::runtime::feeder;
 use crate::runtime::supervisor::Shard;
-use crate::store::{Store, StoreConfig};
+use crate::store::{Op, Store, StoreConfig};
 use crate::telemetry::Stats;
 
 use crate::runtime::handle::Runtime;
 use crate::runtime::inner::{wake, Inner, Registration, ShardRef, Threads};
 use crate::runtime::purge::start_purge;
-use crate::runtime::recovery::start_recovery;
 use crate::runtime::shared::{Config, Shared};
 
 impl Runtime {
@@ -79,6 +81,7 @@ pub struct RuntimeBuilder {
     effect_workers: usize,
     effects_running_max: usize,
     entity_in_flight_max: Option<usize>,
+    lane_limits: [LaneLimits; 4],
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -105,6 +108,7 @@ impl RuntimeBuilder {
                 passivate_after: Duration::from_secs(60),
                 message_size_max: 1 << 20,
                 in_flight_max: 1024,
+                shards,
                 entity_in_flight_max: 0,
                 lane_promote_after: 16,
                 log_payloads: false,
@@ -121,6 +125,7 @@ impl RuntimeBuilder {
             effect_workers: 2,
             effects_running_max: 64,
             entity_in_flight_max: None,
+            lane_limits: [LaneLimits::default(); 4],
         }
     }
 
@@ -204,6 +209,7 @@ impl RuntimeBuilder {
     /// available cores.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
+        self.config.shards = shards;
         self
     }
 
@@ -252,6 +258,14 @@ impl RuntimeBuilder {
     /// keys on its shard need. Default: 1/8 of `in_flight_max` (128 of 1024), at least 1.
     pub fn entity_in_flight_max(mut self, messages: usize) -> Self {
         self.entity_in_flight_max = Some(messages);
+        self
+    }
+
+    /// The most durable work lane `lane` may hold (messages accepted by `tell` and not yet
+    /// processed), and what a `tell` meets when it is full. Default for every lane:
+    /// [`LaneLimits::default`] (1,000,000 messages, 1 GiB, block up to 30 s).
+    pub fn lane_limits(mut self, lane: Priority, limits: LaneLimits) -> Self {
+        self.lane_limits[lane.index()] = limits;
         self
     }
 
@@ -412,7 +426,8 @@ impl RuntimeBuilder {
             durability: self.durability,
             backend: self.backend,
         })?;
-        let scan = scan_inbox(&store).map_err(|source| OpenError::Store {
+        let backlog = Backlog::new(self.lane_limits);
+        let scan = scan_inbox(&store, &backlog).map_err(|source| OpenError::Store {
             path: self.path.clone(),
             source,
         })?;
@@ -421,16 +436,30 @@ impl RuntimeBuilder {
             source,
         })?;
         let seq_start = scan.seq_max.unwrap_or(0).max(high_water).saturating_add(1);
+        let store_error = |source| OpenError::Store {
+            path: self.path.clone(),
+            source,
+        };
+        let rebuilt =
+            ensure_lane_index(&store, self.shards, scan.indexable).map_err(store_error)?;
         let shared = Arc::new(Shared {
             config: self.config.clone(),
             clock: self.clock.clone(),
             stats: Stats::default(),
             seq: AtomicU64::new(seq_start),
+            backlog,
+            feeds: (0..self.shards).map(|_| Default::default()).collect(),
+            inbox_generations: (0..self.shards).map(|_| AtomicU64::new(0)).collect(),
         });
         shared
             .stats
             .inbox_pending
             .store(scan.entries, Ordering::Release);
+        // Every lane feeder starts behind: each reads its whole lane once (recovery).
+        shared.stats.feeds_behind.store(
+            (self.shards * Priority::ALL.len()) as u64,
+            Ordering::Release,
+        );
 
         let outbox = scan_outbox(&store).map_err(|source| OpenError::Store {
             path: self.path.clone(),
@@ -457,6 +486,7 @@ impl RuntimeBuilder {
             .map(|addr| ShardRef {
                 addr,
                 gate: Gate::new(gate, shared.clone()),
+                accepting: Arc::new(tokio::sync::Semaphore::new(self.config.in_flight_max)),
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -477,41 +507,45 @@ impl RuntimeBuilder {
             purge_stop: Some(purge_stop),
             purge_thread: Some(purge_thread),
         });
-        let weak = Arc::downgrade(&inner);
-        effects.bind(Arc::new(move |entity, key| {
-            let weak = weak.clone();
-            Box::pin(async move {
-                match weak.upgrade() {
-                    Some(inner) => inner.wake_entity(&entity, &key, Priority::Normal).await,
-                    None => false,
-                }
-            })
-        }));
-        start_recovery(&inner, scan.entities);
+        let handles: Vec<ArbiterHandle> = inner
+            .threads
+            .lock()
+            .as_ref()
+            .map(|t| t.arbiters.iter().map(Arbiter::handle).collect())
+            .unwrap_or_default();
+        for (shard, handle) in handles.iter().enumerate() {
+            if !feeder::start(&inner, shard, handle) {
+                return Err(OpenError::Threads(
+                    "a shard thread stopped before its lane feeders started".into(),
+                ));
+            }
+        }
         for (entity, key) in &outbox {
             effects.wake(entity, key, true);
         }
         tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
-            recovered_messages = scan.entries, effect_lanes_resumed = outbox.len(), "runtime open");
+            recovered_messages = scan.entries, lane_index_rebuilt = rebuilt,
+            effect_lanes_resumed = outbox.len(), "runtime open");
         Ok(Runtime { inner })
     }
 }
 
 pub(crate) struct InboxScan {
     entries: u64,
+    /// Entries with a well-formed key (sequence and lane), each of which has an index entry.
+    indexable: u64,
     seq_max: Option<u64>,
-    entities: Vec<(String, String)>,
 }
 
-/// Counts the inbox, finds its highest sequence and the entities that have entries.
-pub(crate) fn scan_inbox(store: &Store) -> Result<InboxScan, StoreError> {
+/// Counts the inbox (into `backlog`, per lane) and finds its highest sequence.
+pub(crate) fn scan_inbox(store: &Store, backlog: &Backlog) -> Result<InboxScan, StoreError> {
     let mut scan = InboxScan {
         entries: 0,
+        indexable: 0,
         seq_max: None,
-        entities: Vec::new(),
     };
     for entry in store.scan_prefix(&[Space::Inbox as u8])? {
-        let (key, _) = entry?;
+        let (key, value) = entry?;
         scan.entries += 1;
         let Some(parsed) = keys::parse(Space::Inbox, &key) else {
             tracing::error!(target: "keystead", "malformed inbox key skipped at recovery");
@@ -520,16 +554,72 @@ pub(crate) fn scan_inbox(store: &Store) -> Result<InboxScan, StoreError> {
         if let Some(seq) = keys::inbox_seq(parsed.suffix) {
             scan.seq_max = Some(scan.seq_max.map_or(seq, |m| m.max(seq)));
         }
-        let is_new = scan
-            .entities
-            .last()
-            .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);
-        if is_new {
-            scan.entities
-                .push((parsed.entity.to_string(), parsed.key.to_string()));
+        let lane = keys::inbox_lane(parsed.suffix).unwrap_or_default();
+        backlog.force(lane, value.len() as u64);
+        if keys::inbox_seq(parsed.suffix).is_some() {
+            scan.indexable += 1;
         }
     }
     Ok(scan)
+}
+
+/// The meta record naming the shard count the lane index was built for.
+const LANE_INDEX: &str = "lane_index_shards";
+
+/// Makes sure the lane index matches the inbox and `shards`: one index entry per inbox
+/// entry, under the shard its entity hashes to. The index is written and removed in the
+/// same batches as the inbox, so this rebuilds only a database from before lanes, one
+/// opened with another shard count, or one whose inbox was written by other means (the
+/// counts differ). Crash-safe: the marker goes first, the new index after, the marker last.
+/// Returns whether it rebuilt.
+pub(crate) fn ensure_lane_index(
+    store: &Store,
+    shards: usize,
+    inbox_entries: u64,
+) -> Result<bool, StoreError> {
+    let marker = keys::meta(LANE_INDEX);
+    let want = (shards as u16).to_be_bytes().to_vec();
+    if store.get(&marker)?.as_deref() == Some(want.as_slice()) {
+        let mut indexed = 0u64;
+        for entry in store.scan_prefix(&[Space::LaneIndex as u8])? {
+            entry?;
+            indexed += 1;
+        }
+        if indexed == inbox_entries {
+            return Ok(false);
+        }
+        tracing::warn!(target: "keystead", indexed, inbox_entries,
+            "the lane index does not match the inbox; rebuilding it");
+    }
+    const CHUNK: usize = 1000;
+    store.write_at_open(vec![Op::Delete(marker.clone())])?;
+    let mut ops = Vec::with_capacity(CHUNK);
+    for entry in store.scan_prefix(&[Space::LaneIndex as u8])? {
+        ops.push(Op::Delete(entry?.0));
+        if ops.len() == CHUNK {
+            store.write_at_open(std::mem::take(&mut ops))?;
+        }
+    }
+    for entry in store.scan_prefix(&[Space::Inbox as u8])? {
+        let (key, _) = entry?;
+        let Some(parsed) = keys::parse(Space::Inbox, &key) else {
+            continue;
+        };
+        let (Some(seq), Some(lane)) = (
+            keys::inbox_seq(parsed.suffix),
+            keys::inbox_lane(parsed.suffix),
+        ) else {
+            continue;
+        };
+        let shard = shard_of(parsed.entity, parsed.key, shards);
+        ops.push(Op::Put(keys::lane_index(shard, lane, seq), key.clone()));
+        if ops.len() == CHUNK {
+            store.write_at_open(std::mem::take(&mut ops))?;
+        }
+    }
+    ops.push(Op::Put(marker, want));
+    store.write_at_open(ops)?;
+    Ok(true)
 }
 
 /// The entities that have unfinished effects, in key order.

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use crate::core::codec;
 use crate::core::keys::Space;
-use crate::dead_letter::DeadLetter;
+use crate::dead_letter::{DeadLetter, Shed};
 use crate::effects::{self, EffectInfo, EffectKey};
 use crate::entity::Entity;
 use crate::error::AdminError;
+use crate::priority::Priority;
 use crate::runtime::address::EntityRef;
 use crate::telemetry::RuntimeStats;
 
@@ -90,6 +91,11 @@ impl Runtime {
         stats.commits = store.commits.load(Ordering::Relaxed);
         stats.commit_batches = store.batches.load(Ordering::Relaxed);
         stats.flushes = store.flushes.load(Ordering::Relaxed);
+        for lane in Priority::ALL {
+            let (pending, bytes) = self.inner.shared.backlog.pending(lane);
+            stats.lanes[lane.index()].pending = pending;
+            stats.lanes[lane.index()].pending_bytes = bytes;
+        }
         stats
     }
 
@@ -113,7 +119,9 @@ impl Runtime {
     pub async fn idle(&self) {
         let stats = &self.inner.shared.stats;
         self.wait_until(|s| {
-            s.in_flight == 0 && s.effect_lanes == 0 && !stats.recovering.load(Ordering::Acquire)
+            s.in_flight == 0
+                && s.effect_lanes == 0
+                && stats.feeds_behind.load(Ordering::Acquire) == 0
         })
         .await;
     }
@@ -152,6 +160,27 @@ impl Runtime {
         }
         self.inner.store.reads_durable().await?;
         Ok(letters)
+    }
+
+    /// Every shed message of entity type `E`, in key order: sheddable `tell`s that met a
+    /// full lane. Requeue one with [`EntityRef::requeue_shed`] (same id: applied once).
+    ///
+    /// # Errors
+    /// [`AdminError::NotRegistered`] if `E` is not registered; [`AdminError::Storage`] or
+    /// [`AdminError::Decode`] if a record cannot be read.
+    pub async fn shed<E: Entity>(&self) -> Result<Vec<Shed<E>>, AdminError> {
+        if !self.inner.registered::<E>() {
+            return Err(AdminError::NotRegistered { entity: E::NAME });
+        }
+        let mut prefix = vec![Space::Shed as u8, E::NAME.len() as u8];
+        prefix.extend_from_slice(E::NAME.as_bytes());
+        let mut shed = Vec::new();
+        for entry in self.inner.store.scan_prefix(&prefix)? {
+            let (key, value) = entry?;
+            shed.push(Shed::<E>::from_stored(&key, &value)?);
+        }
+        self.inner.store.reads_durable().await?;
+        Ok(shed)
     }
 
     /// The status of one effect, from the outbox or the effect history.
@@ -239,10 +268,11 @@ impl Runtime {
     pub async fn shutdown(self) {
         for shard in &self.inner.shards {
             shard.gate.close();
+            shard.accepting.close();
         }
         let stats = &self.inner.shared.stats;
-        self.wait_until(|s| s.in_flight == 0 && !stats.recovering.load(Ordering::Acquire))
-            .await;
+        let _ = stats;
+        self.wait_until(|s| s.in_flight == 0).await;
         self.inner.close();
     }
 

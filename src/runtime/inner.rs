@@ -12,8 +12,9 @@ use std::thread;
 use actix::prelude::*;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::core::hash::fnv1a;
+use crate::core::hash::shard_of;
 use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::priority::Priority;
@@ -22,29 +23,48 @@ use crate::runtime::mail::{Deliver, Job};
 use crate::runtime::shared::Shared;
 use crate::runtime::supervisor::Shard;
 use crate::store::Store;
+use crate::telemetry::Stats;
 
 pub(crate) struct ShardRef {
     pub addr: Addr<Shard>,
     pub gate: Arc<Gate>,
+    /// Bounds the `tell`s being written to this shard's inbox at once. Apart from the gate:
+    /// writing work to disk must not wait for the processing slots of its lane, or a slow
+    /// lane could not build the durable backlog that is there to absorb it.
+    pub accepting: Arc<Semaphore>,
 }
 
 /// How to wake a registered entity type's actor without knowing its Rust type.
 #[derive(Clone, Copy)]
 pub(crate) struct Registration {
     pub(crate) type_id: TypeId,
-    pub(crate) wake: fn(&Inner, String, Ticket) -> bool,
+    pub(crate) wake: fn(&Inner, String, Ticket, u64) -> bool,
 }
 
-pub(crate) fn wake<E: Entity>(inner: &Inner, key: String, ticket: Ticket) -> bool {
+/// Sends entity (`E`, `key`) a drain of its inbox entries up to sequence `up_to`.
+pub(crate) fn wake<E: Entity>(inner: &Inner, key: String, ticket: Ticket, up_to: u64) -> bool {
     let shard = inner.shard_index(E::NAME, &key);
     let job = Job::<E>::Drain {
-        up_to: u64::MAX,
-        ticket,
+        up_to,
+        ticket: Some(ticket),
     };
     inner.shards[shard]
         .addr
         .try_send(Deliver { key, job })
         .is_ok()
+}
+
+/// Room to write one `tell`, held until its inbox entry is durable.
+pub(crate) struct Accepting {
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        Stats::drop_one(&self.shared.stats.in_flight);
+        self.shared.stats.notify();
+    }
 }
 
 pub(crate) struct Threads {
@@ -69,11 +89,7 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn shard_index(&self, entity: &str, key: &str) -> usize {
-        let mut hash = fnv1a(entity.as_bytes());
-        hash ^= 0xff;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-        hash ^= fnv1a(key.as_bytes());
-        (hash % self.shards.len() as u64) as usize
+        shard_of(entity, key, self.shards.len())
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -106,19 +122,24 @@ impl Inner {
         Some(Ticket::new(slot, self.shared.clone()))
     }
 
-    /// Delivers a `Drain` to entity (`entity`, `key`) of a registered type, taking a ticket
-    /// in lane `priority` like any caller. False when the runtime is closing.
-    pub(crate) async fn wake_entity(&self, entity: &str, key: &str, priority: Priority) -> bool {
-        let Some((&name, registration)) = self.registry.get_key_value(entity) else {
-            tracing::warn!(target: "keystead", %entity, %key,
-                "inbox entries for an unregistered entity type stay in the inbox; register the type to process them");
-            return true;
-        };
-        let registration = *registration;
-        let Some(ticket) = self.admit(name, key, priority).await else {
-            return false;
-        };
-        (registration.wake)(self, key.to_string(), ticket)
+    /// Waits for room to write one `tell` to entity (`entity`, `key`)'s shard. `None` once
+    /// the runtime is closing. Counted in `in_flight` until dropped.
+    pub(crate) async fn accept(&self, entity: &str, key: &str) -> Option<Accepting> {
+        let shard = self.shard_index(entity, key);
+        let permit = self.shards[shard]
+            .accepting
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?;
+        if self.is_closed() {
+            return None;
+        }
+        Stats::bump(&self.shared.stats.in_flight);
+        Some(Accepting {
+            _permit: permit,
+            shared: self.shared.clone(),
+        })
     }
 
     pub(crate) fn close(&self) {
@@ -127,6 +148,12 @@ impl Inner {
         }
         for shard in &self.shards {
             shard.gate.close();
+            shard.accepting.close();
+        }
+        for lanes in &self.shared.feeds {
+            for feed in lanes {
+                feed.wake_for_close();
+            }
         }
         let Some(mut threads) = self.threads.lock().take() else {
             return;

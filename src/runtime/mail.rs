@@ -9,18 +9,24 @@ use crate::core::apply::OutcomeOf;
 use crate::core::records::Meta;
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
+use crate::priority::Priority;
 use crate::runtime::admission::Ticket;
 
 /// Where the reply to an `ask` goes.
 pub(crate) type AskReply<E> = oneshot::Sender<Result<OutcomeOf<E>, SubmitError>>;
 
-/// An operator action on one entity's dead letters, serialised with its messages.
+/// An operator action on one entity's dead letters or shed messages, serialised with its
+/// messages.
 #[derive(Debug)]
 pub(crate) enum AdminAction {
     /// Move a dead letter back into the inbox, keeping its id.
     Requeue,
     /// Remove a dead letter.
     Purge,
+    /// Move a shed message back into the inbox, in its lane, keeping its id.
+    RequeueShed,
+    /// Remove a shed message.
+    PurgeShed,
 }
 
 /// Work for an entity actor.
@@ -34,14 +40,27 @@ pub(crate) enum Job<E: Entity> {
         fresh_id: bool,
         reply: AskReply<E>,
         ticket: Ticket,
+        /// Inbox entries up to this sequence (every `tell` acknowledged before this ask was
+        /// sent) go first, so that one caller's `tell` then `ask` apply in that order.
+        /// `None` once that is done.
+        inbox_up_to: Option<u64>,
     },
-    /// Process this entity's inbox entries with a sequence up to `up_to`, oldest first.
-    Drain { up_to: u64, ticket: Ticket },
+    /// Process this entity's inbox entries with a sequence up to `up_to`, oldest first. The
+    /// ticket is the drain's own (from a lane feeder), or `None` for a drain an ask runs
+    /// first under its own ticket.
+    Drain { up_to: u64, ticket: Option<Ticket> },
     /// An operator action on the dead letter `message_id`; replies whether it existed.
     Admin {
         action: AdminAction,
         message_id: String,
         reply: oneshot::Sender<Result<bool, AdminError>>,
+        ticket: Ticket,
+    },
+    /// Move this entity's pending inbox messages below `lane` up to `lane`; replies how
+    /// many moved.
+    Prioritise {
+        lane: Priority,
+        reply: oneshot::Sender<Result<u64, AdminError>>,
         ticket: Ticket,
     },
     /// Passivate now if nothing else is queued; replies whether the actor stopped.

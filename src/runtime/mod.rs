@@ -2,26 +2,29 @@
 //! messages, and shutting down.
 //!
 //! Layers, lowest first (each imports only modules listed before it):
-//! - [`shared`]: settings, clock, counters, the key rule;
+//! - [`backlog`]: per lane, the durable work pending and the signals to the lane feeders;
+//! - [`shared`]: settings, clock, counters, the backlog, the key rule;
 //! - [`admission`]: each shard's gate in lanes, and the tickets it hands out;
 //! - [`mail`]: the messages between the parts;
 //! - [`actor`]: one entity's home;
 //! - [`supervisor`]: one shard, which starts and routes to its entities' actors;
 //! - [`inner`]: the shards, the registry, the store and the effect workers together;
 //! - [`address`]: typed entity addresses;
-//! - `recovery` and `purge`: background work after open;
+//! - `feeder`: per shard and lane, moves work from the durable inbox into admission;
+//! - `purge`: background removal of expired dedup records;
 //! - `handle`: the `Runtime` handle (entity addresses, stats, operator reads, closing);
 //! - `builder`: the `RuntimeBuilder`, which opens the store and starts everything.
 
 pub(crate) mod actor;
 pub(crate) mod address;
 pub(crate) mod admission;
+pub(crate) mod backlog;
 mod builder;
+mod feeder;
 mod handle;
 pub(crate) mod inner;
 pub(crate) mod mail;
 mod purge;
-mod recovery;
 pub(crate) mod shared;
 pub(crate) mod supervisor;
 

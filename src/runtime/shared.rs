@@ -6,10 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Clock;
-use crate::core::keys::ENTITY_KEY_LEN_MAX;
+use crate::core::hash::shard_of;
+use crate::core::keys::{self, ENTITY_KEY_LEN_MAX};
 use crate::error::SubmitError;
+use crate::priority::Priority;
 use crate::retry::RetryPolicy;
 use crate::telemetry::Stats;
+
+use crate::runtime::backlog::{Backlog, LaneFeed};
 
 /// Settings fixed at open.
 #[derive(Debug, Clone)]
@@ -20,6 +24,8 @@ pub(crate) struct Config {
     pub passivate_after: Duration,
     pub message_size_max: usize,
     pub in_flight_max: usize,
+    /// The number of shards (the lane index is kept per shard).
+    pub shards: usize,
     /// Slots one entity may hold of its shard's `in_flight_max`.
     pub entity_in_flight_max: usize,
     /// Grants a waiting lane may be passed over by before it is promoted.
@@ -34,6 +40,13 @@ pub(crate) struct Shared {
     pub clock: Arc<dyn Clock>,
     pub stats: Stats,
     pub(crate) seq: AtomicU64,
+    /// Durable work pending per lane.
+    pub backlog: Backlog,
+    /// Per shard, per lane: the signals to its lane feeder.
+    pub feeds: Vec<[LaneFeed; 4]>,
+    /// Per shard: bumped after every commit that adds an inbox entry there, so an actor
+    /// that found its inbox empty knows when it must look again.
+    pub inbox_generations: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -42,6 +55,25 @@ impl Shared {
     /// sort after recovered entries. Commit it with `Store::commit_with_seq`.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Tells the feeder of lane `lane` of entity (`entity`, `key`)'s shard that an entry
+    /// with sequence `seq` is in its index (after the commit that wrote it).
+    pub(crate) fn accepted(&self, entity: &str, key: &str, lane: Priority, seq: u64) {
+        let shard = shard_of(entity, key, self.config.shards);
+        self.inbox_generations[shard].fetch_add(1, Ordering::AcqRel);
+        self.feeds[shard][lane.index()].accepted(seq, &self.stats);
+    }
+
+    /// The inbox generation of entity (`entity`, `key`)'s shard (see `inbox_generations`).
+    pub(crate) fn inbox_generation(&self, entity: &str, key: &str) -> u64 {
+        let shard = shard_of(entity, key, self.config.shards);
+        self.inbox_generations[shard].load(Ordering::Acquire)
+    }
+
+    /// The lane index key of an inbox entry of entity (`entity`, `key`).
+    pub(crate) fn lane_index(&self, entity: &str, key: &str, lane: Priority, seq: u64) -> Vec<u8> {
+        keys::lane_index(shard_of(entity, key, self.config.shards), lane, seq)
     }
 }
 

@@ -122,6 +122,22 @@ impl Engine for FjallEngine {
         })))
     }
 
+    fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError> {
+        let (_, keyspace) = self.handles()?;
+        let prefix = prefix.to_vec();
+        Ok(Box::new(
+            keyspace
+                .range(start.to_vec()..)
+                .map(|guard| {
+                    guard
+                        .into_inner()
+                        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(|e| store_error("scan", e))
+                })
+                .take_while(move |r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))),
+        ))
+    }
+
     fn remove_if_unchanged(&self, key: &[u8], expected: &[u8]) -> Result<bool, StoreError> {
         let (db, keyspace) = self.handles()?;
         let _writes = self.writes.lock();

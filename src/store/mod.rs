@@ -48,6 +48,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn has_foreign_data(&self) -> bool;
     /// Every record whose key starts with `prefix`, in key order, read lazily.
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan, StoreError>;
+    /// Every record whose key starts with `prefix` and is at least `start`, in key order.
+    fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError>;
     /// Removes `key` only if it still holds `expected`; true when removed.
     fn remove_if_unchanged(&self, key: &[u8], expected: &[u8]) -> Result<bool, StoreError>;
     /// Writes every op atomically: after a crash, all of them or none.
@@ -324,6 +326,29 @@ impl Store {
         let scan = self
             .engine
             .scan_prefix(prefix)
+            .inspect_err(|e| self.poison_on_io(e))?;
+        let (poisoned, marks) = (self.poisoned.clone(), self.marks.clone());
+        Ok(Box::new(scan.inspect(move |entry| {
+            if let Err(error @ StoreError::Io { .. }) = entry {
+                poison(&poisoned, &marks, error);
+            }
+        })))
+    }
+
+    /// Writes `ops` atomically and flushes them, straight to the engine. Only for `open`,
+    /// before anything else can commit (the runtime uses it to rebuild its lane index).
+    pub(crate) fn write_at_open(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        self.engine
+            .apply(ops)
+            .inspect_err(|e| self.poison_on_io(e))?;
+        self.engine.flush().inspect_err(|e| self.poison_on_io(e))
+    }
+
+    /// Like [`Store::scan_prefix`], from key `start` on (the lane feeders' cursors).
+    pub(crate) fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError> {
+        let scan = self
+            .engine
+            .scan_from(prefix, start)
             .inspect_err(|e| self.poison_on_io(e))?;
         let (poisoned, marks) = (self.poisoned.clone(), self.marks.clone());
         Ok(Box::new(scan.inspect(move |entry| {
@@ -689,6 +714,9 @@ mod tests {
         }
         fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan, StoreError> {
             self.inner.scan_prefix(prefix)
+        }
+        fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError> {
+            self.inner.scan_from(prefix, start)
         }
         fn remove_if_unchanged(&self, key: &[u8], expected: &[u8]) -> Result<bool, StoreError> {
             self.inner.remove_if_unchanged(key, expected)

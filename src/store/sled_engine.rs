@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
-use super::{Engine, Entry, Op};
+use super::{Engine, Entry, Op, Scan};
 use crate::error::{OpenError, StoreError};
 
 /// The layout marker this engine writes and reads.
@@ -134,6 +134,19 @@ impl Engine for SledEngine {
             r.map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .map_err(|e| store_error("scan", e))
         })))
+    }
+
+    fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError> {
+        let prefix = prefix.to_vec();
+        Ok(Box::new(
+            self.db()?
+                .range(start.to_vec()..)
+                .map(|r| {
+                    r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(|e| store_error("scan", e))
+                })
+                .take_while(move |r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))),
+        ))
     }
 
     fn remove_if_unchanged(&self, key: &[u8], expected: &[u8]) -> Result<bool, StoreError> {
