@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use keystead::{
     Context, Effect, EffectContext, EffectError, Entity, Executor, Failure, FailureKind, Feedback,
-    Outcome, Recorded, RetryPolicy, Runtime,
+    LaneLimits, Outcome, Priority, Recorded, RetryPolicy, Runtime, SubmitError, WhenFull,
 };
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,8 @@ pub const SENDERS: u64 = 8;
 pub const MODE_ENV: &str = "KEYSTEAD_TORTURE_MODE";
 /// Set in a child that must print `opening` just before it opens the runtime.
 pub const ANNOUNCE_ENV: &str = "KEYSTEAD_TORTURE_ANNOUNCE";
+/// The low lane's limit in the torture runtime.
+pub const LOW_PENDING_MAX: u64 = 4;
 
 /// The engine and the durability mode a torture runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -257,6 +259,12 @@ pub fn runtime(dir: &Path, mode: Mode) -> Result<Runtime, keystead::OpenError> {
                 .backoff_initial(Duration::from_millis(1))
                 .backoff_max(Duration::from_millis(5)),
         )
+        // A small low lane, so that low tells meet it full: refused (not acknowledged) or,
+        // when sheddable, shed to the durable shed log.
+        .lane_limits(
+            Priority::Low,
+            LaneLimits::new(LOW_PENDING_MAX, 1 << 20).when_full(WhenFull::Reject),
+        )
         .register::<LedgerEntity>()
         .executor::<Post>(Provider::open(&dir.join("provider.log")))
         .open()
@@ -285,6 +293,13 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
             .open(dir.join("acks.log"))
             .expect("acks"),
     ));
+    let sheds = Arc::new(Mutex::new(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sheds.log"))
+            .expect("sheds"),
+    ));
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..KEYS).map(|_| AtomicU64::new(run << 32)).collect());
     let tasks: Vec<_> = (0..SENDERS)
@@ -292,7 +307,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
             let refs: Vec<_> = (0..KEYS)
                 .map(|k| rt.entity::<LedgerEntity>(format!("k{k}")))
                 .collect();
-            let (acks, versions) = (acks.clone(), versions.clone());
+            let (acks, sheds, versions) = (acks.clone(), sheds.clone(), versions.clone());
             tokio::spawn(async move {
                 let mut rng = run.wrapping_mul(1_000_003) ^ s;
                 let mut sent: Vec<(u64, String)> = Vec::new();
@@ -307,10 +322,30 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                     };
                     let version = versions[k as usize].fetch_add(1, Ordering::SeqCst) + 1;
                     let e = &refs[k as usize];
+                    // Every lane, and half the low tells sheddable.
+                    let priority = Priority::ALL[((roll >> 8) % 4) as usize];
+                    let sheddable = priority == Priority::Low && (roll >> 12).is_multiple_of(2);
                     let ok = if roll.is_multiple_of(3) {
-                        e.ask(()).id(id.clone()).version(version).await.is_ok()
+                        let asked = e.ask(()).id(id.clone()).version(version);
+                        asked.priority(priority).await.is_ok()
                     } else {
-                        e.tell(()).id(id.clone()).version(version).await.is_ok()
+                        let told = e.tell(()).id(id.clone()).version(version);
+                        let told = told.priority(priority);
+                        let told = if sheddable {
+                            told.sheddable().await
+                        } else {
+                            told.await
+                        };
+                        match told {
+                            Ok(accepted) if accepted.shed => {
+                                // Kept in the shed log, not the inbox: checked apart.
+                                log_ack(&sheds, &format!("k{k}"), &id);
+                                false
+                            }
+                            Ok(_) => true,
+                            Err(SubmitError::Overloaded { .. }) => false,
+                            Err(_) => false,
+                        }
                     };
                     if ok {
                         log_ack(&acks, &format!("k{k}"), &id);
@@ -415,6 +450,14 @@ pub struct Report {
     /// Effects performed for a change that is not in the state after the restart.
     pub effects_of_lost_changes: u64,
     pub inbox_left: u64,
+    /// Sheddable tells answered "shed", by id.
+    pub shed: u64,
+    /// Of those, missing from the shed log after the restart (must be 0 in sync mode).
+    pub shed_lost: u64,
+    /// Shed messages found, requeued twice each, and applied (or dropped stale) once.
+    pub shed_requeued: u64,
+    /// A shed message whose two requeues both succeeded, or that was applied twice.
+    pub shed_twice: u64,
     pub seconds: f64,
 }
 
@@ -430,10 +473,12 @@ impl Report {
             && self.effects_double_run == 0
             && self.effects_of_lost_changes == 0
             && self.inbox_left == 0
+            && (relaxed || self.shed_lost == 0)
+            && self.shed_twice == 0
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 19] = [
+        let rows: [(&str, String); 23] = [
             ("mode", self.mode.clone()),
             ("kills (SIGKILL)", self.kills.to_string()),
             (
@@ -476,6 +521,22 @@ impl Report {
                 self.effects_of_lost_changes.to_string(),
             ),
             ("inbox entries left", self.inbox_left.to_string()),
+            (
+                "sheddable tells shed (answered shed)",
+                self.shed.to_string(),
+            ),
+            (
+                "SHED LOST (answered shed, not in the shed log)",
+                self.shed_lost.to_string(),
+            ),
+            (
+                "shed messages requeued and applied once",
+                self.shed_requeued.to_string(),
+            ),
+            (
+                "SHED APPLIED TWICE (or requeued twice)",
+                self.shed_twice.to_string(),
+            ),
             ("seconds", format!("{:.1}", self.seconds)),
         ];
         println!("{:<48} {:>12}", "crash torture", "value");
@@ -565,6 +626,71 @@ pub async fn torture(
 }
 
 /// Acknowledgements logged by the children: (key, id, microseconds since the epoch).
+/// Every tell answered "shed" is in the shed log after the kills; each is requeued twice
+/// (one requeue finds it) and then applied, or dropped as stale, exactly once.
+async fn verify_shed(dir: &Path, mode: Mode, rt: &Runtime, report: &mut Report) {
+    let answered: Vec<(String, String)> = read_lines(&dir.join("sheds.log"))
+        .iter()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            Some((parts.next()?.to_string(), parts.next()?.to_string()))
+        })
+        .collect();
+    report.shed = answered.len() as u64;
+    let listed: HashSet<(String, String)> = rt
+        .shed::<LedgerEntity>()
+        .await
+        .expect("shed log decodes")
+        .into_iter()
+        .map(|s| (s.key, s.message_id))
+        .collect();
+    for (key, id) in &answered {
+        if !listed.contains(&(key.clone(), id.clone())) {
+            if !mode.is_relaxed() {
+                eprintln!("SHED LOST: {key} {id}");
+            }
+            report.shed_lost += 1;
+        }
+    }
+    for (key, id) in &listed {
+        let e = rt.entity::<LedgerEntity>(key.as_str());
+        let mut found = 0;
+        for _ in 0..2 {
+            // The low lane is small: wait for room when a requeue meets it full.
+            loop {
+                match e.requeue_shed(id).await {
+                    Ok(true) => found += 1,
+                    Ok(false) => {}
+                    Err(keystead::AdminError::Overloaded { .. }) => {
+                        rt.idle().await;
+                        continue;
+                    }
+                    Err(other) => panic!("requeue {key} {id}: {other}"),
+                }
+                break;
+            }
+        }
+        if found != 1 {
+            report.shed_twice += 1;
+        }
+    }
+    rt.idle().await;
+    for (key, id) in &listed {
+        let outcome = rt
+            .entity::<LedgerEntity>(key.as_str())
+            .ask(())
+            .id(id.clone())
+            .await;
+        match outcome {
+            Ok(Outcome::Duplicate { .. }) => report.shed_requeued += 1,
+            other => {
+                eprintln!("SHED NOT APPLIED AFTER REQUEUE: {key} {id}: {other:?}");
+                report.shed_lost += 1;
+            }
+        }
+    }
+}
+
 fn acknowledgements(dir: &Path) -> Vec<(String, String, u64)> {
     read_lines(&dir.join("acks.log"))
         .into_iter()
@@ -648,6 +774,7 @@ async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report
             report.effects_of_lost_changes += 1;
         }
     }
+    verify_shed(dir, mode, &rt, report).await;
     let mut seen_ack: HashSet<(String, String)> = HashSet::new();
     for (key, id, acked_at_us) in acked {
         if !seen_ack.insert((key.clone(), id.clone())) {
