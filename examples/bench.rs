@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use keystead::{Backend, Durability, Priority, Runtime};
+use keystead::{Backend, Durability, Entity, Failure, FailureKind, Priority, RetryPolicy, Runtime};
 use serde::{Deserialize, Serialize};
 
 #[path = "support/item.rs"]
@@ -337,6 +337,87 @@ async fn mixed(
     Ok(measured)
 }
 
+/// The slow stage of the backlog scenario: an enrichment whose provider is down, so every
+/// attempt fails (retryably) and the work piles up.
+struct Enrich;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[error("provider down")]
+struct Down;
+
+impl Failure for Down {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Retryable
+    }
+}
+
+impl Entity for Enrich {
+    const NAME: &'static str = "enrich";
+    type State = u64;
+    type Command = u8;
+    type Reply = u64;
+    type Error = Down;
+    fn handle(_: &mut u64, _: &u8, _: &mut keystead::Context<'_>) -> Result<u64, Down> {
+        Err(Down)
+    }
+}
+
+/// 200,000 low-priority tells pile up behind a slow stage that is down (their entities
+/// retry for as long as the run lasts, holding every slot `Low` may take), then one sender
+/// asks `Critical` on other keys `probes` times. Measured: the critical asks' latencies;
+/// messages = the low tells accepted (secs = how long accepting them took); peak RSS.
+async fn backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let rt = Arc::new(
+        Runtime::builder(dir.path())
+            .retry(
+                RetryPolicy::default()
+                    .attempts_max(1_000_000)
+                    .backoff_initial(Duration::from_millis(200))
+                    .backoff_max(Duration::from_secs(1)),
+            )
+            .register::<Item>()
+            .register::<Enrich>()
+            .open()?,
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..SENDERS as u64)
+        .map(|s| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                for k in (s..pending).step_by(SENDERS) {
+                    let e = rt.entity::<Enrich>(format!("product-{k:011}"));
+                    e.tell(1).priority(Priority::Low).await.expect("accepted");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    let accept_secs = started.elapsed().as_secs_f64();
+    let stats = rt.stats();
+    eprintln!(
+        "backlog: {} low pending on disk, {} in flight",
+        stats.lane(Priority::Low).pending,
+        stats.lane(Priority::Low).in_flight
+    );
+    let mut latencies = Vec::with_capacity(probes as usize);
+    let mut seed = 0x51_7CC1_B727_220A;
+    for _ in 0..probes {
+        let e = rt.entity::<Item>(key_name(next(&mut seed) % KEYS));
+        let t = Instant::now();
+        drop(e.ask(1).priority(Priority::Critical).await.expect("ask"));
+        latencies.push(micros(t));
+    }
+    let measured = Measured::new(pending, accept_secs, latencies);
+    // The backlog stays on disk: the directory is removed with it.
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.close_now();
+    }
+    Ok(measured)
+}
+
 // ---- The naive approach -----------------------------------------------------------------
 
 /// The state as the naive app stores it: the same 200 bytes and counter as `Item`.
@@ -615,6 +696,7 @@ fn child(args: &[String]) -> Result<(), Error> {
             Some(param),
         ))?,
         "million" => tokio.block_on(million())?,
+        "backlog" => tokio.block_on(backlog(200_000, 2_000))?,
         // Lanes: 8,192 low-priority flooders on random keys, a critical probe; the same
         // with everything in one lane; a hot key flooded by 2,048 callers on one shard,
         // with the default entity share and without one (the whole shard, 1,024).
@@ -749,6 +831,7 @@ fn main() -> Result<(), Error> {
     let lanes_one = run("lanes-one", short, 0.0)?;
     let hot_shared = run("hot-shared", short, 0.0)?;
     let hot_uncapped = run("hot-uncapped", short, 0.0)?;
+    let backlog = run("backlog", 0.0, 0.0)?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -922,6 +1005,14 @@ fn main() -> Result<(), Error> {
             m.rate()
         );
     }
+    let _ = writeln!(
+        out,
+        "  200,000 low tells pending on disk behind a slow stage that is down: accepted at {:.0}/s; critical asks meanwhile p50 {} p99 {}; peak RSS {} MiB [< 256]",
+        backlog.rate(),
+        ms(backlog.p50_us),
+        ms(backlog.p99_us),
+        backlog.peak_rss_kib / 1024
+    );
     print!("{out}");
     if let Err(e) = std::fs::write(&svg, plot(&by_keys, &by_load)) {
         eprintln!("could not write the plot to {svg}: {e}");
