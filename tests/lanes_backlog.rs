@@ -444,3 +444,73 @@ async fn one_callers_tell_then_ask_apply_in_that_order() {
     }
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_backlog_drains_under_a_continuous_critical_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four slots: a critical flood of eight callers always has callers waiting, so `Low`
+    // gets in only by promotion (after `lane_promote_after` admissions passed it over).
+    let rt = std::sync::Arc::new(
+        runtime_builder(dir.path())
+            .shards(1)
+            .in_flight_max(4)
+            .lane_promote_after(8)
+            .retry(patient())
+            .register::<Log>()
+            .open()
+            .unwrap(),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood: Vec<_> = (0..8)
+        .map(|t| {
+            let (rt, stop) = (rt.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let e = rt.entity::<Log>(format!("flood-{t}-{}", sent % 50));
+                    e.ask("c".to_string())
+                        .priority(Priority::Critical)
+                        .await
+                        .unwrap();
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    within(rt.wait_until(|s| s.lane(Priority::Critical).waiting >= 1)).await;
+    for i in 0..50 {
+        rt.entity::<Log>(format!("backlog-{i}"))
+            .tell("low".to_string())
+            .priority(Priority::Low)
+            .await
+            .unwrap();
+    }
+    // The backlog drains while the flood goes on (the flood stops only afterwards).
+    within(rt.wait_until(|s| s.lane(Priority::Low).pending == 0)).await;
+    let promoted = rt.stats().lane(Priority::Low).promoted;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut flood_sent = 0;
+    for t in flood {
+        flood_sent += t.await.unwrap();
+    }
+    assert!(promoted >= 1, "low got in by promotion, {promoted} times");
+    for i in 0..50 {
+        let s = rt
+            .entity::<Log>(format!("backlog-{i}"))
+            .snapshot()
+            .await
+            .unwrap();
+        assert_eq!(s.state, vec!["low"], "backlog-{i} applied once");
+    }
+    assert!(
+        flood_sent > 50,
+        "the flood ran throughout ({flood_sent} asks)"
+    );
+    within(rt.idle()).await;
+    std::sync::Arc::try_unwrap(rt)
+        .ok()
+        .unwrap()
+        .shutdown()
+        .await;
+}
