@@ -9,6 +9,22 @@ use crate::entity::Entity;
 use crate::error::{AdminError, DecodeError};
 use crate::priority::Priority;
 
+/// The entity key of a stored record of keyspace `space`, and the record decoded.
+fn read<E: Entity, R: serde::de::DeserializeOwned>(
+    space: Space,
+    what: &'static str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(String, R), AdminError> {
+    let entity_key = keys::parse(space, key).map_or_else(String::new, |p| p.key.to_string());
+    let record = codec::decode(what, value).map_err(|source| AdminError::Decode {
+        entity: E::NAME,
+        key: entity_key.clone(),
+        source,
+    })?;
+    Ok((entity_key, record))
+}
+
 /// One dead letter of entity type `E`, as listed by
 /// [`Runtime::dead_letters`](crate::Runtime::dead_letters).
 #[derive(Debug)]
@@ -38,16 +54,8 @@ pub struct DeadLetter<E: Entity> {
 
 impl<E: Entity> DeadLetter<E> {
     pub(crate) fn from_stored(key: &[u8], value: &[u8]) -> Result<Self, AdminError> {
-        let parsed = keys::parse(Space::DeadLetter, key);
-        let entity_key = parsed
-            .as_ref()
-            .map_or_else(String::new, |p| p.key.to_string());
-        let record: DeadLetterRecord =
-            codec::decode("dead letter", value).map_err(|source| AdminError::Decode {
-                entity: E::NAME,
-                key: entity_key.clone(),
-                source,
-            })?;
+        let (entity_key, record): (String, DeadLetterRecord) =
+            read::<E, _>(Space::DeadLetter, "dead letter", key, value)?;
         Ok(Self {
             key: entity_key,
             message_id: record.meta.message_id,
@@ -89,14 +97,8 @@ pub struct Shed<E: Entity> {
 
 impl<E: Entity> Shed<E> {
     pub(crate) fn from_stored(key: &[u8], value: &[u8]) -> Result<Self, AdminError> {
-        let entity_key =
-            keys::parse(Space::Shed, key).map_or_else(String::new, |p| p.key.to_string());
-        let record: ShedRecord =
-            codec::decode("shed message", value).map_err(|source| AdminError::Decode {
-                entity: E::NAME,
-                key: entity_key.clone(),
-                source,
-            })?;
+        let (entity_key, record): (String, ShedRecord) =
+            read::<E, _>(Space::Shed, "shed message", key, value)?;
         Ok(Self {
             key: entity_key,
             message_id: record.meta.message_id,

@@ -292,32 +292,42 @@ async fn sheddable_work_goes_to_the_shed_log_and_is_applied_once_when_requeued()
     rt.shutdown().await;
 }
 
+/// One shard of 4 slots (`Low` may hold 3), one slot per entity.
+fn small_shard(dir: &std::path::Path) -> Runtime {
+    runtime_builder(dir)
+        .shards(1)
+        .in_flight_max(4)
+        .entity_in_flight_max(1)
+        .retry(patient())
+        .register::<Log>()
+        .open()
+        .unwrap()
+}
+
+/// Holds three keys named after `prefix` and sends each a low message: their drains, stuck
+/// retrying, take every slot `Low` may hold on a `small_shard`. Returns the keys.
+async fn fill_low_lane(rt: &Runtime, prefix: &str) -> Vec<String> {
+    let keys: Vec<String> = (0..3).map(|i| format!("{prefix}-{i}")).collect();
+    for key in &keys {
+        hold(key);
+        rt.entity::<Log>(key.clone())
+            .tell("low".to_string())
+            .priority(Priority::Low)
+            .await
+            .unwrap();
+    }
+    within(rt.wait_until(|s| s.lane(Priority::Low).in_flight == 3)).await;
+    keys
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_tell_is_taken_ahead_of_a_low_backlog() {
     for round in 0..5 {
         let dir = tempfile::tempdir().unwrap();
         // 4 slots: Low may hold 3, the fourth is kept for the lanes above.
-        let rt = runtime_builder(dir.path())
-            .shards(1)
-            .in_flight_max(4)
-            .entity_in_flight_max(1)
-            .retry(patient())
-            .register::<Log>()
-            .open()
-            .unwrap();
-        let held_keys: Vec<String> = (0..3).map(|i| format!("ahead-{round}-held-{i}")).collect();
-        for key in &held_keys {
-            hold(key);
-        }
+        let rt = small_shard(dir.path());
         // Three held keys take Low's three slots; 200 more low messages wait on disk.
-        for key in &held_keys {
-            rt.entity::<Log>(key.clone())
-                .tell("low".to_string())
-                .priority(Priority::Low)
-                .await
-                .unwrap();
-        }
-        within(rt.wait_until(|s| s.lane(Priority::Low).in_flight == 3)).await;
+        let held_keys = fill_low_lane(&rt, &format!("ahead-{round}-held")).await;
         for i in 0..200 {
             rt.entity::<Log>(format!("ahead-{round}-low-{i}"))
                 .tell("low".to_string())
@@ -363,25 +373,9 @@ async fn a_critical_tell_is_taken_ahead_of_a_low_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prioritise_moves_pending_messages_up_and_keeps_their_order() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime_builder(dir.path())
-        .shards(1)
-        .in_flight_max(4)
-        .entity_in_flight_max(1)
-        .retry(patient())
-        .register::<Log>()
-        .open()
-        .unwrap();
+    let rt = small_shard(dir.path());
     // Low's three slots are held by stuck keys; the product's low messages wait on disk.
-    let stuck: Vec<String> = (0..3).map(|i| format!("stuck-{i}")).collect();
-    for key in &stuck {
-        hold(key);
-        rt.entity::<Log>(key.clone())
-            .tell("low".to_string())
-            .priority(Priority::Low)
-            .await
-            .unwrap();
-    }
-    within(rt.wait_until(|s| s.lane(Priority::Low).in_flight == 3)).await;
+    let stuck = fill_low_lane(&rt, "stuck").await;
     let product = rt.entity::<Log>("product");
     for i in 0..3 {
         product

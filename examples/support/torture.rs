@@ -286,20 +286,14 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
         let _ = out.write_all(b"opening\n").and_then(|()| out.flush());
     }
     let rt = runtime(dir, mode).expect("open");
-    let acks = Arc::new(Mutex::new(
-        OpenOptions::new()
+    let append = |name: &str| {
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("acks.log"))
-            .expect("acks"),
-    ));
-    let sheds = Arc::new(Mutex::new(
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("sheds.log"))
-            .expect("sheds"),
-    ));
+            .open(dir.join(name));
+        Arc::new(Mutex::new(file.expect("an append-only log")))
+    };
+    let (acks, sheds) = (append("acks.log"), append("sheds.log"));
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..KEYS).map(|_| AtomicU64::new(run << 32)).collect());
     let tasks: Vec<_> = (0..SENDERS)

@@ -201,26 +201,16 @@ impl<E: Entity> EntityActor<E> {
 
     fn start(&mut self, job: Job<E>, ctx: &mut Context<Self>) {
         match job {
-            Job::Ask {
-                meta,
-                command,
-                expected_revision,
-                fresh_id,
-                reply,
-                ticket,
+            mut job @ Job::Ask {
                 inbox_up_to: Some(up_to),
+                ..
             } if self.inbox_has_entry_up_to(up_to) => {
                 // Entries acknowledged before this ask was sent go first: the ask waits
                 // behind a drain of them (which runs under the ask's ticket).
-                self.queue.push_front(Job::Ask {
-                    meta,
-                    command,
-                    expected_revision,
-                    fresh_id,
-                    reply,
-                    ticket,
-                    inbox_up_to: None,
-                });
+                if let Job::Ask { inbox_up_to, .. } = &mut job {
+                    *inbox_up_to = None;
+                }
+                self.queue.push_front(job);
                 self.drain_next(up_to, None, ctx);
             }
             Job::Ask {

@@ -392,29 +392,12 @@ impl<E: Entity> EntityRef<E> {
     /// # Errors
     /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
     pub async fn prioritise(&self, lane: Priority) -> Result<u64, AdminError> {
-        let inner = self.runtime().map_err(AdminError::from_refusal)?;
-        let shard = inner.shard_index(E::NAME, &self.key);
-        let ticket = inner
-            .admit(E::NAME, &self.key, Priority::High)
-            .await
-            .ok_or(AdminError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        inner.shards[shard]
-            .addr
-            .try_send(Deliver {
-                key: self.key.clone(),
-                job: Job::<E>::Prioritise {
-                    lane,
-                    reply,
-                    ticket,
-                },
-            })
-            .map_err(|_| AdminError::Closed)?;
-        drop(inner);
-        answer.await.unwrap_or(Err(AdminError::Interrupted {
-            entity: E::NAME,
-            key: self.key.clone(),
-        }))
+        self.submit_admin(|reply, ticket| Job::<E>::Prioritise {
+            lane,
+            reply,
+            ticket,
+        })
+        .await
     }
 
     /// Stops this entity's actor once the jobs before this call are done, as the runtime
@@ -466,10 +449,10 @@ impl<E: Entity> EntityRef<E> {
         .await
     }
 
-    async fn submit_admin(
+    async fn submit_admin<T>(
         &self,
-        job: impl FnOnce(oneshot::Sender<Result<bool, AdminError>>, Ticket) -> Job<E>,
-    ) -> Result<bool, AdminError> {
+        job: impl FnOnce(oneshot::Sender<Result<T, AdminError>>, Ticket) -> Job<E>,
+    ) -> Result<T, AdminError> {
         let inner = self.runtime().map_err(AdminError::from_refusal)?;
         let shard = inner.shard_index(E::NAME, &self.key);
         // An operator is waiting for this answer.

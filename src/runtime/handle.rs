@@ -148,18 +148,28 @@ impl Runtime {
     /// [`AdminError::NotRegistered`] if `E` is not registered; [`AdminError::Storage`] or
     /// [`AdminError::Decode`] if a record cannot be read.
     pub async fn dead_letters<E: Entity>(&self) -> Result<Vec<DeadLetter<E>>, AdminError> {
+        self.list::<E, _>(Space::DeadLetter, DeadLetter::<E>::from_stored)
+            .await
+    }
+
+    /// Every record of entity type `E` in keyspace `space`, read with `read`, durable only.
+    async fn list<E: Entity, T>(
+        &self,
+        space: Space,
+        read: fn(&[u8], &[u8]) -> Result<T, AdminError>,
+    ) -> Result<Vec<T>, AdminError> {
         if !self.inner.registered::<E>() {
             return Err(AdminError::NotRegistered { entity: E::NAME });
         }
-        let mut prefix = vec![Space::DeadLetter as u8, E::NAME.len() as u8];
+        let mut prefix = vec![space as u8, E::NAME.len() as u8];
         prefix.extend_from_slice(E::NAME.as_bytes());
-        let mut letters = Vec::new();
+        let mut out = Vec::new();
         for entry in self.inner.store.scan_prefix(&prefix)? {
             let (key, value) = entry?;
-            letters.push(DeadLetter::<E>::from_stored(&key, &value)?);
+            out.push(read(&key, &value)?);
         }
         self.inner.store.reads_durable().await?;
-        Ok(letters)
+        Ok(out)
     }
 
     /// Every shed message of entity type `E`, in key order: sheddable `tell`s that met a
@@ -169,18 +179,7 @@ impl Runtime {
     /// [`AdminError::NotRegistered`] if `E` is not registered; [`AdminError::Storage`] or
     /// [`AdminError::Decode`] if a record cannot be read.
     pub async fn shed<E: Entity>(&self) -> Result<Vec<Shed<E>>, AdminError> {
-        if !self.inner.registered::<E>() {
-            return Err(AdminError::NotRegistered { entity: E::NAME });
-        }
-        let mut prefix = vec![Space::Shed as u8, E::NAME.len() as u8];
-        prefix.extend_from_slice(E::NAME.as_bytes());
-        let mut shed = Vec::new();
-        for entry in self.inner.store.scan_prefix(&prefix)? {
-            let (key, value) = entry?;
-            shed.push(Shed::<E>::from_stored(&key, &value)?);
-        }
-        self.inner.store.reads_durable().await?;
-        Ok(shed)
+        self.list::<E, _>(Space::Shed, Shed::<E>::from_stored).await
     }
 
     /// The status of one effect, from the outbox or the effect history.
