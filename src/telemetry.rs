@@ -95,6 +95,11 @@ pub struct RuntimeStats {
     /// Shard admission, per lane, indexed as [`Priority::ALL`] (highest first); read one
     /// with [`RuntimeStats::lane`].
     pub lanes: [LaneStats; 4],
+    /// The effect workers' admission, per lane (an effect waits in the lane of the message
+    /// that recorded it), indexed as [`Priority::ALL`]; read one with
+    /// [`RuntimeStats::effect_priority`]. `pending`, `pending_bytes`, `refused` and `shed`
+    /// stay 0 here.
+    pub effect_priorities: [LaneStats; 4],
     /// Times a caller waited because its entity already held its share of the shard
     /// ([`RuntimeBuilder::entity_in_flight_max`](crate::RuntimeBuilder::entity_in_flight_max)).
     pub entity_capped: u64,
@@ -109,6 +114,11 @@ impl RuntimeStats {
     /// ```
     pub fn lane(&self, priority: Priority) -> &LaneStats {
         &self.lanes[priority.index()]
+    }
+
+    /// The effect workers' counters of one lane.
+    pub fn effect_priority(&self, priority: Priority) -> &LaneStats {
+        &self.effect_priorities[priority.index()]
     }
 }
 
@@ -203,6 +213,7 @@ pub(crate) struct Stats {
     /// Lane feeders (one per shard and lane) that have not read everything accepted.
     pub feeds_behind: AtomicU64,
     pub lanes: [LaneCounters; 4],
+    pub effect_priorities: [LaneCounters; 4],
     pub entity_capped: AtomicU64,
     /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)
     /// and [`Runtime::wait_until`](crate::Runtime::wait_until).
@@ -255,6 +266,7 @@ impl Stats {
             commit_batches: 0,
             flushes: 0,
             lanes: std::array::from_fn(|i| self.lanes[i].snapshot()),
+            effect_priorities: std::array::from_fn(|i| self.effect_priorities[i].snapshot()),
             entity_capped: get(&self.entity_capped),
         }
     }

@@ -17,6 +17,7 @@ use crate::core::ops::Op;
 use crate::core::records::{DeadLetterRecord, DedupRecord, Meta, StateRecord};
 use crate::entity::{Context, Entity, Failure, FailureKind};
 use crate::outcome::{Outcome, Recorded};
+use crate::priority::Priority;
 
 /// The stored result type of entity `E`.
 pub(crate) type RecordedOf<E> = Recorded<<E as Entity>::Reply, <E as Entity>::Error>;
@@ -209,6 +210,8 @@ pub(crate) struct Stamp {
     pub attempt: u32,
     pub now_ms: u64,
     pub outbox_seq: u64,
+    /// The message's lane: its effects wait in the same one.
+    pub lane: Priority,
 }
 
 /// The writes that make `verdict` durable, and the outcome to report once they are.
@@ -228,6 +231,7 @@ pub(crate) fn writes<E: Entity>(
         attempt,
         now_ms,
         outbox_seq,
+        lane,
     } = stamp;
     let dedup_key = || keys::dedup(E::NAME, key, &meta.message_id);
     let dedup = |outcome: RecordedOf<E>| -> Result<Op, String> {
@@ -256,7 +260,7 @@ pub(crate) fn writes<E: Entity>(
                 E::NAME,
                 key,
                 meta,
-                outbox_seq,
+                (outbox_seq, lane),
                 effects,
                 now_ms,
             )?);
@@ -379,6 +383,7 @@ mod tests {
         attempt: 1,
         now_ms: 10,
         outbox_seq: 0,
+        lane: Priority::Normal,
     };
 
     fn meta(version: Option<u64>) -> Meta {

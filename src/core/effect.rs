@@ -11,6 +11,7 @@ use crate::core::codec;
 use crate::core::keys::{self, Space};
 use crate::core::ops::Op;
 use crate::core::records::Meta;
+use crate::priority::Priority;
 
 /// Why an effect failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,20 +194,41 @@ pub(crate) struct Recorded {
     pub payload: Result<Vec<u8>, String>,
 }
 
-/// The outbox key of effect `index` of a message committed with outbox sequence `seq`.
-pub(crate) fn outbox_key(space: Space, entity: &str, key: &str, seq: u64, index: u32) -> Vec<u8> {
+/// The outbox key of effect `index` of a message committed with outbox sequence `seq`, in
+/// lane `lane` (the lane of the message that recorded it). The lane byte comes last, so one
+/// entity's effects stay in recorded order whatever their lanes.
+pub(crate) fn outbox_key(
+    space: Space,
+    entity: &str,
+    key: &str,
+    seq: u64,
+    index: u32,
+    lane: Priority,
+) -> Vec<u8> {
     let mut out = keys::entity_prefix(space, entity, key);
     out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(&index.to_be_bytes());
+    out.push(lane.index() as u8);
     out
 }
 
-/// The writes that put a message's effects in the outbox.
+/// The lane of an outbox or history key: its last suffix byte, or `Normal` for a key
+/// written before lanes (a 12-byte suffix).
+pub(crate) fn effect_lane(space: Space, key: &[u8]) -> Priority {
+    keys::parse(space, key)
+        .and_then(|p| match p.suffix.len() {
+            13 => Priority::ALL.get(usize::from(p.suffix[12])).copied(),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The writes that put a message's effects in the outbox, in the message's lane.
 pub(crate) fn outbox_ops(
     entity: &str,
     key: &str,
     meta: &Meta,
-    seq: u64,
+    (seq, lane): (u64, Priority),
     effects: &[Recorded],
     now_ms: u64,
 ) -> Result<Vec<Op>, String> {
@@ -229,7 +251,7 @@ pub(crate) fn outbox_ops(
                 payload,
             };
             Ok(Op::Put(
-                outbox_key(Space::Outbox, entity, key, seq, e.index),
+                outbox_key(Space::Outbox, entity, key, seq, e.index, lane),
                 codec::encode(&record)?,
             ))
         })

@@ -13,6 +13,7 @@
 //! | `I` inbox | sequence, u64 big-endian, then the lane byte (absent in entries written before lanes: `Normal`) | `InboxRecord` |
 //! | `Q` lane index | none: `Q ++ shard u16 BE ++ lane u8 ++ sequence u64 BE` | the inbox key |
 //! | `H` shed log | message id bytes | `ShedRecord` |
+//! | `R` raise | none | `RaiseRecord`: the lane `prioritise` raised the entity's effects to |
 //! | `L` dead letters | message id bytes | `DeadLetterRecord` |
 //! | `M` meta | a name | small markers (layout version) |
 //! | `O` outbox | sequence u64 BE ++ index u32 BE | `EffectRecord`, unfinished |
@@ -33,6 +34,7 @@ pub(crate) enum Space {
     EffectHistory = b'X',
     LaneIndex = b'Q',
     Shed = b'H',
+    Raise = b'R',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).
@@ -115,6 +117,11 @@ pub(crate) fn lane_index(shard: usize, lane: Priority, seq: u64) -> Vec<u8> {
     let mut out = lane_index_prefix(shard, lane);
     out.extend_from_slice(&seq.to_be_bytes());
     out
+}
+
+/// The key of an entity's raise record (see `RaiseRecord`).
+pub(crate) fn raise(entity: &str, key: &str) -> Vec<u8> {
+    entity_prefix(Space::Raise, entity, key)
 }
 
 /// The key of a shed message.

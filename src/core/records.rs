@@ -85,6 +85,15 @@ pub(crate) struct ShedRecord {
     pub shed_at_ms: u64,
 }
 
+/// What the last `prioritise` of an entity raised its effects to (keyspace `R`): effects
+/// recorded up to sequence `up_to_seq` wait in lane `lane` at least. Effects recorded later
+/// keep their own lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RaiseRecord {
+    pub lane: u8,
+    pub up_to_seq: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,16 +8,18 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::core::codec;
+use crate::core::effect::effect_lane;
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
+use crate::core::records::RaiseRecord;
 use crate::core::records::{InboxRecord, Meta};
 use crate::error::StoreError;
 use crate::priority::Priority;
 use crate::retry::RetryPolicy;
+use crate::runtime::admission::{Gate, GateConfig, GateKind};
 use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
 use crate::telemetry::Stats;
@@ -37,7 +39,9 @@ pub(crate) struct Effects {
     store: Arc<Store>,
     shared: Arc<Shared>,
     retry: RetryPolicy,
-    running_max: Arc<Semaphore>,
+    /// At most `effects_running_max` attempts at once, admitted in lanes (the lane of the
+    /// message that recorded the effect, or higher after `prioritise`).
+    gate: Arc<Gate>,
     /// Active lanes; `true` when more work arrived while the lane was scanning.
     lanes: Mutex<HashMap<(String, String), bool>>,
     /// Independent effects being performed, by outbox key.
@@ -73,6 +77,15 @@ impl Effects {
             .thread_name("keystead-effects")
             .enable_time()
             .build()?;
+        let gate = Gate::new(
+            GateConfig {
+                capacity: running_max,
+                entity_max: running_max,
+                promote_after: shared.config.lane_promote_after,
+                kind: GateKind::Effects,
+            },
+            shared.clone(),
+        );
         Ok(Arc::new(Self {
             handle: runtime.handle().clone(),
             runtime: Mutex::new(Some(runtime)),
@@ -80,7 +93,7 @@ impl Effects {
             store,
             shared,
             retry,
-            running_max: Arc::new(Semaphore::new(running_max)),
+            gate,
             lanes: Mutex::new(HashMap::new()),
             independent: Mutex::new(HashSet::new()),
         }))
@@ -226,7 +239,12 @@ impl Effects {
             correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
             status = tracing::field::Empty);
         loop {
-            let Ok(_permit) = self.running_max.clone().acquire_owned().await else {
+            let lane = self.lane_of(outbox_key);
+            let Some(_permit) = self
+                .gate
+                .acquire(executor.origin, &record.info.effect_key.key, lane)
+                .await
+            else {
                 return Err(());
             };
             record.info.attempts += 1;
@@ -322,6 +340,39 @@ impl Effects {
                 }
             }
         }
+    }
+
+    /// The lane an attempt at the effect under `outbox_key` waits in: its own (the recording
+    /// message's), raised by a `prioritise` of its entity that came after it was recorded.
+    fn lane_of(&self, outbox_key: &[u8]) -> Priority {
+        let own = effect_lane(Space::Outbox, outbox_key);
+        let Some(parsed) = keys::parse(Space::Outbox, outbox_key) else {
+            return own;
+        };
+        let seq = parsed
+            .suffix
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes);
+        let raised = match self.store.get(&keys::raise(parsed.entity, parsed.key)) {
+            Ok(Some(bytes)) => codec::decode::<RaiseRecord>("raise", &bytes).ok(),
+            _ => None,
+        };
+        match (raised, seq) {
+            (Some(raise), Some(seq)) if seq <= raise.up_to_seq => own.max(
+                Priority::ALL
+                    .get(usize::from(raise.lane))
+                    .copied()
+                    .unwrap_or(own),
+            ),
+            _ => own,
+        }
+    }
+
+    /// Moves the entity's effects waiting for an attempt below `lane` up to `lane` (their
+    /// stored raise is written by the entity's `prioritise`).
+    pub(crate) fn raise(&self, entity: &'static str, key: &str, lane: Priority) {
+        self.gate.raise(entity, key, lane);
     }
 
     fn transition(&self, record: &mut EffectRecord, next: EffectStatus, error: Option<String>) {

@@ -16,10 +16,11 @@ use tracing::field::Empty;
 
 use crate::core::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
 use crate::core::codec;
+use crate::core::effect::effect_lane;
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
 use crate::core::records::{
-    DeadLetterRecord, DedupRecord, InboxRecord, Meta, ShedRecord, StateRecord,
+    DeadLetterRecord, DedupRecord, InboxRecord, Meta, RaiseRecord, ShedRecord, StateRecord,
 };
 use crate::effects::Effects;
 use crate::entity::Entity;
@@ -54,6 +55,8 @@ struct Work<E: Entity> {
     drain: Option<(u64, Option<Ticket>)>,
     /// For inbox work: its lane and encoded size, released from the backlog once retired.
     retire: Option<(Priority, u64)>,
+    /// Its lane; the effects it records wait in the same one.
+    priority: Priority,
     /// Held for the life of an `ask`.
     ticket: Option<Ticket>,
     span: tracing::Span,
@@ -221,6 +224,7 @@ impl<E: Entity> EntityActor<E> {
                 reply,
                 ticket,
                 inbox_up_to: _,
+                priority,
             } => {
                 let span = self.span(&meta);
                 let work = Work {
@@ -238,6 +242,7 @@ impl<E: Entity> EntityActor<E> {
                     reply: Some(reply),
                     drain: None,
                     retire: None,
+                    priority,
                     ticket: Some(ticket),
                     span,
                     started: Instant::now(),
@@ -387,6 +392,7 @@ impl<E: Entity> EntityActor<E> {
             reply: None,
             drain: Some((up_to, ticket)),
             retire: Some((retire.lane, retire.bytes)),
+            priority: retire.lane,
             ticket: None,
             span,
             started: Instant::now(),
@@ -583,6 +589,7 @@ impl<E: Entity> EntityActor<E> {
                         attempt: work.attempt,
                         now_ms: now,
                         outbox_seq,
+                        lane: work.priority,
                     },
                 );
                 let (ops, outcome) = match planned {
@@ -915,9 +922,49 @@ impl<E: Entity> EntityActor<E> {
             moves.push((from, seq, value.len() as u64));
             ops.push(Op::Put(moved, value));
         }
-        if moves.is_empty() {
+        // Its unfinished effects: raised through a record the effect workers read, not by
+        // moving keys a worker may be using.
+        let outbox = keys::entity_prefix(Space::Outbox, E::NAME, &self.key);
+        let mut effects_raised = 0u64;
+        match self.store.scan_prefix(&outbox) {
+            Ok(scan) => {
+                for entry in scan {
+                    match entry {
+                        Ok((key, _)) if effect_lane(Space::Outbox, &key) < lane => {
+                            effects_raised += 1;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = reply.send(Err(AdminError::Storage(e)));
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(AdminError::Storage(e)));
+                return;
+            }
+        }
+        if moves.is_empty() && effects_raised == 0 {
             let _ = reply.send(Ok(0));
             return;
+        }
+        if effects_raised > 0 {
+            let raise = RaiseRecord {
+                lane: lane.index() as u8,
+                up_to_seq: self.shared.seq.load(std::sync::atomic::Ordering::Acquire),
+            };
+            match codec::encode(&raise) {
+                Ok(bytes) => ops.push(Op::Put(keys::raise(E::NAME, &self.key), bytes)),
+                Err(e) => {
+                    let _ = reply.send(Err(AdminError::Storage(StoreError::Io {
+                        op: "prioritise",
+                        source: std::io::Error::other(e),
+                    })));
+                    return;
+                }
+            }
         }
         self.busy = true;
         let commit = self.store.commit(ops);
@@ -930,7 +977,10 @@ impl<E: Entity> EntityActor<E> {
                         act.shared.backlog.force(lane, size);
                         act.shared.accepted(E::NAME, &act.key, lane, seq);
                     }
-                    let _ = reply.send(Ok(moves.len() as u64));
+                    if effects_raised > 0 {
+                        act.effects.raise(E::NAME, &act.key, lane);
+                    }
+                    let _ = reply.send(Ok(moves.len() as u64 + effects_raised));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(AdminError::Storage(e)));

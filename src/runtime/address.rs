@@ -359,11 +359,13 @@ impl<E: Entity> EntityRef<E> {
         self.admin(AdminAction::Purge, message_id).await
     }
 
-    /// Raises this entity's pending inbox messages (accepted by `tell`, not yet processed)
-    /// to lane `lane`, so that they are taken ahead of the lanes below: a product a user just
-    /// searched for gets its pending refresh first. Messages already in `lane` or above keep
-    /// theirs; the entity still applies its messages in the order they were accepted.
-    /// Reads only this entity's inbox, and the move is durable. Returns how many moved.
+    /// Raises this entity's pending work to lane `lane`, so that it is taken ahead of the
+    /// lanes below: its inbox messages (accepted by `tell`, not yet processed) and its
+    /// unfinished effects (a product a user just searched for gets its pending refresh and
+    /// its enrichment first). Work already in `lane` or above keeps its lane; the entity still
+    /// applies its messages, and performs its ordered effects, in their order. Reads only this
+    /// entity's inbox and outbox, and the raise is durable. Returns how many messages and
+    /// effects were raised.
     ///
     /// ```
     /// # use keystead::{Context, Entity, Failure, FailureKind, Priority, Runtime};
@@ -558,6 +560,7 @@ impl<E: Entity> IntoFuture for Ask<E> {
                 reply,
                 ticket,
                 inbox_up_to: Some(inner.shared.seq.load(Ordering::Acquire)),
+                priority,
             };
             inner.shards[shard]
                 .addr

@@ -35,12 +35,21 @@ use crate::telemetry::{LaneCounters, Stats};
 /// Who holds a slot: entity type and key.
 type EntityId = (&'static str, String);
 
-/// The settings of one shard's gate.
+/// The settings of one gate.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GateConfig {
     pub capacity: usize,
     pub entity_max: usize,
     pub promote_after: u32,
+    /// Which counters it keeps.
+    pub kind: GateKind,
+}
+
+/// What a gate admits: messages to a shard, or effect attempts to the effect workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GateKind {
+    Shard,
+    Effects,
 }
 
 impl GateConfig {
@@ -137,7 +146,44 @@ impl Gate {
     }
 
     fn lane_stats(&self, lane: usize) -> &LaneCounters {
-        &self.shared.stats.lanes[lane]
+        match self.config.kind {
+            GateKind::Shard => &self.shared.stats.lanes[lane],
+            GateKind::Effects => &self.shared.stats.effect_priorities[lane],
+        }
+    }
+
+    /// Moves entity (`entity`, `key`)'s callers waiting in lanes below `to` into `to`, in
+    /// their order (for `prioritise`). Cheap: only that entity's callers are touched.
+    pub(crate) fn raise(self: &Arc<Self>, entity: &'static str, key: &str, to: Priority) {
+        let to = to.index();
+        {
+            let mut state = self.state.lock();
+            let entity_max = self.config.entity_max;
+            let id = (entity, key.to_string());
+            let state = &mut *state;
+            let Some(callers) = state.entities.get_mut(&id) else {
+                return;
+            };
+            let mut moved = 0;
+            for lane in (to + 1)..LANES {
+                let waiters: Vec<Waiter> = callers.waiting[lane].drain(..).collect();
+                for _ in &waiters {
+                    Stats::drop_one(&self.lane_stats(lane).waiting);
+                    Stats::bump(&self.lane_stats(to).waiting);
+                }
+                moved += waiters.len();
+                callers.waiting[to].extend(waiters);
+            }
+            if moved == 0 {
+                return;
+            }
+            // (Its turn in the lanes it left is skipped: nobody is left there.)
+            if callers.held < entity_max && !callers.queued[to] {
+                callers.queued[to] = true;
+                state.ready[to].push_back(id);
+            }
+        }
+        self.dispatch();
     }
 
     /// Waits for a slot for entity (`entity`, `key`) in lane `priority`. `None` once the gate
@@ -195,6 +241,8 @@ impl Gate {
                 tx,
             });
             Stats::bump(&self.lane_stats(lane).waiting);
+            // Whoever waits on the counters (`Runtime::wait_until`) may wait for this.
+            self.shared.stats.notify();
             if callers.held >= self.config.entity_max {
                 Stats::bump(&self.shared.stats.entity_capped);
             } else if !callers.queued[lane] {
@@ -219,6 +267,11 @@ impl Gate {
         state.entities.entry(id.clone()).or_default().held += 1;
         state.picker.granted(lane, waiting);
         Stats::bump(&self.lane_stats(lane).in_flight);
+        if self.config.kind == GateKind::Effects {
+            // An effect attempt starting is news to `wait_until` (a message's admission is
+            // followed by its outcome, which notifies anyway).
+            self.shared.stats.notify();
+        }
         Slot {
             gate: self.clone(),
             entity: Some(id),
@@ -448,6 +501,7 @@ mod tests {
                 capacity,
                 entity_max,
                 promote_after,
+                kind: GateKind::Shard,
             },
             shared,
         )

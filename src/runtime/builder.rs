@@ -22,7 +22,7 @@ use crate::entity::Entity;
 use crate::error::{OpenError, StoreError};
 use crate::priority::{LaneLimits, Priority};
 use crate::retry::RetryPolicy;
-use crate::runtime::admission::{Gate, GateConfig};
+use crate::runtime::admission::{Gate, GateConfig, GateKind};
 use crate::runtime::backlog::Backlog;
 use crate::runtime::feeder;
 use crate::runtime::supervisor::Shard;
@@ -478,6 +478,7 @@ impl RuntimeBuilder {
             capacity: self.config.in_flight_max,
             entity_max: self.config.entity_in_flight_max,
             promote_after: self.config.lane_promote_after,
+            kind: GateKind::Shard,
         };
         let (system, system_thread, arbiters, addrs) =
             start_system(self.shards, shared.clone(), store.clone(), effects.clone())?;

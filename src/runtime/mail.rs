@@ -44,6 +44,8 @@ pub(crate) enum Job<E: Entity> {
         /// sent) go first, so that one caller's `tell` then `ask` apply in that order.
         /// `None` once that is done.
         inbox_up_to: Option<u64>,
+        /// Its lane: the effects it records wait in the same one.
+        priority: Priority,
     },
     /// Process this entity's inbox entries with a sequence up to `up_to`, oldest first. The
     /// ticket is the drain's own (from a lane feeder), or `None` for a drain an ask runs
