@@ -265,12 +265,7 @@ impl Runtime {
     /// for: they stay in the outbox and run again, with the same effect key, at the next
     /// open. Await [`Runtime::idle`] first to let them finish.
     pub async fn shutdown(self) {
-        for shard in &self.inner.shards {
-            shard.gate.close();
-            shard.accepting.close();
-        }
-        let stats = &self.inner.shared.stats;
-        let _ = stats;
+        self.inner.stop_admitting();
         self.wait_until(|s| s.in_flight == 0).await;
         self.inner.close();
     }

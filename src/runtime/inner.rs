@@ -142,14 +142,19 @@ impl Inner {
         })
     }
 
-    pub(crate) fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
+    /// Refuses every new admission and write, and every caller still waiting for one.
+    pub(crate) fn stop_admitting(&self) {
         for shard in &self.shards {
             shard.gate.close();
             shard.accepting.close();
         }
+    }
+
+    pub(crate) fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop_admitting();
         for lanes in &self.shared.feeds {
             for feed in lanes {
                 feed.wake_for_close();
