@@ -297,7 +297,6 @@ impl Effects {
                     Stats::bump(&self.shared.stats.effects_done);
                     tracing::info!(target: "keystead", parent: &span, "effect done");
                     if feedback.is_some() {
-                        Stats::bump(&self.shared.stats.inbox_pending);
                         let key = &record.info.effect_key;
                         self.shared
                             .accepted(&key.entity, &key.key, FEEDBACK_LANE, seq);

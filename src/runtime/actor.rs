@@ -479,7 +479,6 @@ impl<E: Entity> EntityActor<E> {
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
             act.busy = false;
             if result.is_ok() {
-                Stats::drop_one(&act.shared.stats.inbox_pending);
                 if let Some(retire) = &retire {
                     act.shared.backlog.release(retire.lane, retire.bytes);
                 }
@@ -737,9 +736,6 @@ impl<E: Entity> EntityActor<E> {
         let revision = self.loaded.as_ref().map_or(0, |l| l.revision);
         let kind = outcome.kind();
         self.shared.stats.outcome(kind);
-        if work.source.inbox_key.is_some() {
-            Stats::drop_one(&self.shared.stats.inbox_pending);
-        }
         if let Some((lane, bytes)) = work.retire {
             self.shared.backlog.release(lane, bytes);
         }
@@ -1009,7 +1005,6 @@ impl<E: Entity> EntityActor<E> {
             match result {
                 Ok(()) => {
                     if let Some((lane, seq, _)) = requeued {
-                        Stats::bump(&act.shared.stats.inbox_pending);
                         act.shared.accepted(E::NAME, &act.key, lane, seq);
                     }
                     let _ = reply.send(Ok(true));

@@ -740,7 +740,6 @@ impl<E: Entity> IntoFuture for Tell<E> {
             }
             // Durable from here on: the message will be processed even if what follows
             // fails (then at the next open).
-            Stats::bump(&inner.shared.stats.inbox_pending);
             inner.shared.accepted(E::NAME, &key, priority, seq);
             drop(accepting);
             Ok(accepted)

@@ -451,10 +451,6 @@ impl RuntimeBuilder {
             feeds: (0..self.shards).map(|_| Default::default()).collect(),
             inbox_generations: (0..self.shards).map(|_| AtomicU64::new(0)).collect(),
         });
-        shared
-            .stats
-            .inbox_pending
-            .store(scan.entries, Ordering::Release);
         // Every lane feeder starts behind: each reads its whole lane once (recovery).
         shared.stats.feeds_behind.store(
             (self.shards * Priority::ALL.len()) as u64,

@@ -95,6 +95,7 @@ impl Runtime {
             let (pending, bytes) = self.inner.shared.backlog.pending(lane);
             stats.lanes[lane.index()].pending = pending;
             stats.lanes[lane.index()].pending_bytes = bytes;
+            stats.inbox_pending += pending;
         }
         stats
     }
