@@ -178,7 +178,6 @@ async fn a_blocking_lane_waits_for_room_up_to_its_deadline() {
     let refused = e.tell("late".to_string()).priority(Priority::Low).await;
     assert!(matches!(refused, Err(SubmitError::Overloaded { .. })));
     // A tell that waits longer gets in once room is made.
-    let rt = std::sync::Arc::new(rt);
     let waiting = {
         let e = e.clone();
         tokio::spawn(async move { e.tell("m2".to_string()).priority(Priority::Low).await })
@@ -201,11 +200,7 @@ async fn a_blocking_lane_waits_for_room_up_to_its_deadline() {
         expected.push("m2");
     }
     assert_eq!(applied, expected);
-    std::sync::Arc::try_unwrap(rt)
-        .ok()
-        .unwrap()
-        .shutdown()
-        .await;
+    rt.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
