@@ -65,6 +65,8 @@ struct Work<E: Entity> {
 
 pub(crate) struct EntityActor<E: Entity> {
     key: String,
+    /// Its shard's number (for its lane index entries and its shard's inbox generation).
+    shard_index: usize,
     shared: Arc<Shared>,
     store: Arc<Store>,
     effects: Arc<Effects>,
@@ -92,6 +94,7 @@ impl<E: Entity> EntityActor<E> {
         shard: Recipient<Idle>,
     ) -> Self {
         Self {
+            shard_index: shared.shard_of(E::NAME, &key),
             key,
             shared,
             store,
@@ -288,7 +291,7 @@ impl<E: Entity> EntityActor<E> {
     /// inbox only when something may have been written to it since the actor last found it
     /// empty (the shard's inbox generation moved), so asks alone cost no read.
     fn inbox_has_entry_up_to(&mut self, up_to: u64) -> bool {
-        let generation = self.shared.inbox_generation(E::NAME, &self.key);
+        let generation = self.shared.inbox_generation(self.shard_index);
         if self.inbox_empty_at == Some(generation) {
             return false;
         }
@@ -353,7 +356,7 @@ impl<E: Entity> EntityActor<E> {
             return;
         }
         let retire = Retire {
-            index_key: self.shared.lane_index(E::NAME, &self.key, lane, seq),
+            index_key: keys::lane_index(self.shard_index, lane, seq),
             lane,
             bytes: bytes.len() as u64,
         };
@@ -856,7 +859,7 @@ impl<E: Entity> EntityActor<E> {
             Op::Delete(record_key),
             Op::Put(keys::inbox_in(E::NAME, &self.key, seq, lane), inbox_bytes),
             Op::Put(
-                self.shared.lane_index(E::NAME, &self.key, lane, seq),
+                keys::lane_index(self.shard_index, lane, seq),
                 keys::inbox_in(E::NAME, &self.key, seq, lane),
             ),
         ];
@@ -905,14 +908,9 @@ impl<E: Entity> EntityActor<E> {
             }
             let moved = keys::inbox_in(E::NAME, &self.key, seq, lane);
             ops.push(Op::Delete(key));
-            ops.push(Op::Delete(self.shared.lane_index(
-                E::NAME,
-                &self.key,
-                from,
-                seq,
-            )));
+            ops.push(Op::Delete(keys::lane_index(self.shard_index, from, seq)));
             ops.push(Op::Put(
-                self.shared.lane_index(E::NAME, &self.key, lane, seq),
+                keys::lane_index(self.shard_index, lane, seq),
                 moved.clone(),
             ));
             moves.push((from, seq, value.len() as u64));
@@ -971,7 +969,7 @@ impl<E: Entity> EntityActor<E> {
                     for &(from, seq, size) in &moves {
                         act.shared.backlog.release(from, size);
                         act.shared.backlog.force(lane, size);
-                        act.shared.accepted(E::NAME, &act.key, lane, seq);
+                        act.shared.accepted_on(act.shard_index, lane, seq);
                     }
                     if effects_raised > 0 {
                         act.effects.raise(E::NAME, &act.key, lane);
@@ -1005,7 +1003,7 @@ impl<E: Entity> EntityActor<E> {
             match result {
                 Ok(()) => {
                     if let Some((lane, seq, _)) = requeued {
-                        act.shared.accepted(E::NAME, &act.key, lane, seq);
+                        act.shared.accepted_on(act.shard_index, lane, seq);
                     }
                     let _ = reply.send(Ok(true));
                 }

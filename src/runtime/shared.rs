@@ -60,15 +60,23 @@ impl Shared {
     /// Tells the feeder of lane `lane` of entity (`entity`, `key`)'s shard that an entry
     /// with sequence `seq` is in its index (after the commit that wrote it).
     pub(crate) fn accepted(&self, entity: &str, key: &str, lane: Priority, seq: u64) {
-        let shard = shard_of(entity, key, self.config.shards);
+        self.accepted_on(shard_of(entity, key, self.config.shards), lane, seq);
+    }
+
+    /// [`Shared::accepted`] for a caller that knows the shard (an entity actor).
+    pub(crate) fn accepted_on(&self, shard: usize, lane: Priority, seq: u64) {
         self.inbox_generations[shard].fetch_add(1, Ordering::AcqRel);
         self.feeds[shard][lane.index()].accepted(seq, &self.stats);
     }
 
-    /// The inbox generation of entity (`entity`, `key`)'s shard (see `inbox_generations`).
-    pub(crate) fn inbox_generation(&self, entity: &str, key: &str) -> u64 {
-        let shard = shard_of(entity, key, self.config.shards);
+    /// The inbox generation of shard `shard` (see `inbox_generations`).
+    pub(crate) fn inbox_generation(&self, shard: usize) -> u64 {
         self.inbox_generations[shard].load(Ordering::Acquire)
+    }
+
+    /// The shard of entity (`entity`, `key`).
+    pub(crate) fn shard_of(&self, entity: &str, key: &str) -> usize {
+        shard_of(entity, key, self.config.shards)
     }
 
     /// The lane index key of an inbox entry of entity (`entity`, `key`).
