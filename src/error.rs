@@ -6,7 +6,7 @@
 //! handler and a dead-lettered message are [`Outcome`](crate::Outcome)s. Every variant that
 //! concerns one entity names its type and key, and every message says what to do.
 
-use crate::priority::Priority;
+use crate::priority::{BacklogKind, Priority};
 use std::io;
 use std::path::PathBuf;
 
@@ -312,21 +312,26 @@ pub enum SubmitError {
         source: StoreError,
     },
     /// The message's lane holds its limit of pending work (and, for
-    /// [`WhenFull::Block`](crate::WhenFull::Block), still did at the deadline). Nothing was
-    /// written; the command is given back ([`SubmitError::into_command`]).
-    #[error("lane {lane} is full for {entity} {key:?}: {pending} of {pending_max} messages, {pending_bytes} of {pending_bytes_max} bytes pending; send it again later, mark refreshable work sheddable, or raise RuntimeBuilder::lane_limits")]
+    /// [`WhenFull::Block`](crate::WhenFull::Block), still did at the deadline): in the
+    /// inbox, for a `tell`; in the outbox, for an `ask` whose handler recorded effects
+    /// that did not fit. Nothing was written; the command is given back
+    /// ([`SubmitError::into_command`]).
+    #[error("{backlog} lane {lane} is full for {entity} {key:?}: {pending} of {pending_max} {}, {pending_bytes} of {pending_bytes_max} bytes pending; send it again later, mark refreshable work sheddable, or raise RuntimeBuilder::{}", backlog.items(), backlog.setting())]
     Overloaded {
         /// Entity type.
         entity: &'static str,
         /// Entity key.
         key: String,
+        /// Which backlog was full.
+        backlog: BacklogKind,
         /// The lane.
         lane: Priority,
-        /// Messages pending in the lane.
+        /// Items pending in the lane (messages in the inbox, effects in the outbox).
         pending: u64,
-        /// The lane's message limit.
+        /// The lane's item limit.
         pending_max: u64,
-        /// Bytes pending in the lane.
+        /// Bytes pending in the lane (encoded messages in the inbox, effect payloads in
+        /// the outbox).
         pending_bytes: u64,
         /// The lane's byte limit.
         pending_bytes_max: u64,
@@ -464,12 +469,14 @@ pub enum AdminError {
     },
     /// A requeue would put the lane over its limit; nothing changed (the message stays
     /// where it was).
-    #[error("lane {lane} is full ({pending} of {pending_max} messages pending); requeue {entity} {key:?} once it drains, or raise RuntimeBuilder::lane_limits")]
+    #[error("{backlog} lane {lane} is full ({pending} of {pending_max} {} pending); requeue {entity} {key:?} once it drains, or raise RuntimeBuilder::{}", backlog.items(), backlog.setting())]
     Overloaded {
         /// Entity type.
         entity: &'static str,
         /// Entity key.
         key: String,
+        /// Which backlog was full (the inbox for a message, the outbox for an effect).
+        backlog: BacklogKind,
         /// The lane.
         lane: Priority,
         /// Messages pending in the lane.

@@ -116,7 +116,7 @@ pub use effects::{
 pub use entity::{Context, Entity, Failure, FailureKind};
 pub use error::{AdminError, DecodeError, OpenError, Returned, StoreError, SubmitError};
 pub use outcome::{Outcome, OutcomeKind, Recorded};
-pub use priority::{LaneLimits, Priority, WhenFull};
+pub use priority::{BacklogKind, LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use runtime::{Runtime, RuntimeBuilder};

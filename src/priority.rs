@@ -81,6 +81,50 @@ pub enum WhenFull {
     Reject,
 }
 
+/// Which durable backlog refused work: the inbox (messages accepted by `tell` and not yet
+/// processed) or the outbox (effects recorded and not yet finished).
+///
+/// ```
+/// use keystead::BacklogKind;
+/// assert_eq!(BacklogKind::Outbox.to_string(), "outbox");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BacklogKind {
+    /// Messages accepted by `tell` and not yet processed
+    /// ([`RuntimeBuilder::lane_limits`](crate::RuntimeBuilder::lane_limits)).
+    Inbox,
+    /// Effects recorded by handlers and not yet finished
+    /// ([`RuntimeBuilder::outbox_limits`](crate::RuntimeBuilder::outbox_limits)).
+    Outbox,
+}
+
+impl BacklogKind {
+    /// What this backlog holds, for messages.
+    pub(crate) fn items(self) -> &'static str {
+        match self {
+            BacklogKind::Inbox => "messages",
+            BacklogKind::Outbox => "effects",
+        }
+    }
+
+    /// The builder setting that sets its limits.
+    pub(crate) fn setting(self) -> &'static str {
+        match self {
+            BacklogKind::Inbox => "lane_limits",
+            BacklogKind::Outbox => "outbox_limits",
+        }
+    }
+}
+
+impl fmt::Display for BacklogKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BacklogKind::Inbox => "inbox",
+            BacklogKind::Outbox => "outbox",
+        })
+    }
+}
+
 /// The most durable work one lane may hold: messages accepted by `tell` (or requeued) and not
 /// yet processed, counted and in bytes (encoded inbox records). Work the caller marked
 /// sheddable ([`Tell::sheddable`](crate::Tell::sheddable)) meets a full lane by going to the

@@ -98,8 +98,10 @@ pub struct RuntimeStats {
     pub lanes: [LaneStats; 4],
     /// The effect workers' admission, per lane (an effect waits in the lane of the message
     /// that recorded it), indexed as [`Priority::ALL`]; read one with
-    /// [`RuntimeStats::effect_priority`]. `pending`, `pending_bytes`, `refused` and `shed`
-    /// stay 0 here.
+    /// [`RuntimeStats::effect_priority`]. Here `pending` and `pending_bytes` count the
+    /// outbox (effects not finished, their payload bytes), `refused` counts `ask`s refused
+    /// because their effects found no room, `blocked` messages that waited for room, and
+    /// `shed` stays 0.
     pub effect_priorities: [LaneStats; 4],
     /// Times a caller waited because its entity already held its share of the shard
     /// ([`RuntimeBuilder::entity_in_flight_max`](crate::RuntimeBuilder::entity_in_flight_max)).
@@ -149,6 +151,10 @@ pub struct LaneStats {
     pub refused: u64,
     /// Sheddable `tell`s moved to the shed log because the lane was full.
     pub shed: u64,
+    /// Work that waited for room because the lane's backlog was full: `tell`s under
+    /// [`WhenFull::Block`](crate::WhenFull::Block) (shard lanes), messages whose effects
+    /// waited for room in the outbox (effect lanes).
+    pub blocked: u64,
 }
 
 /// One lane's live counters.
@@ -162,6 +168,7 @@ pub(crate) struct LaneCounters {
     pub wait_us_max: AtomicU64,
     pub refused: AtomicU64,
     pub shed: AtomicU64,
+    pub blocked: AtomicU64,
 }
 
 impl LaneCounters {
@@ -178,6 +185,7 @@ impl LaneCounters {
             pending_bytes: 0,
             refused: get(&self.refused),
             shed: get(&self.shed),
+            blocked: get(&self.blocked),
         }
     }
 }

@@ -6,6 +6,11 @@
 //! until the test hands it a token (a channel, not a timer), so every other effect queues;
 //! the test waits on the runtime's counters until the queue is formed, then hands out tokens
 //! and asserts the order in which the executor was entered.
+//!
+//! Also: the outbox is bounded per lane (`outbox_limits`). A message whose effects do not
+//! fit is not applied yet: from the inbox it waits for room (nothing lost, nothing over the
+//! bound), an `ask` meets its lane's policy and gets its command back; the bound is counted
+//! again from the disk at open; a requeued dead-lettered effect takes room like any other.
 
 mod common;
 
@@ -15,7 +20,8 @@ use std::time::Duration;
 use common::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use keystead::{
-    Context, Effect, EffectContext, EffectError, Entity, Executor, Feedback, Priority, Runtime,
+    AdminError, BacklogKind, Context, Effect, EffectContext, EffectError, Entity, Executor,
+    Feedback, LaneLimits, Priority, Runtime, RuntimeBuilder, SubmitError, WhenFull,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +50,8 @@ impl Entity for Product {
     }
 }
 
-/// Logs the key of every effect it enters, then waits for a token.
+/// Logs the key of every effect it enters, then waits for a token. An effect of a key that
+/// starts with "doomed" fails at once (retryable), without a token.
 #[derive(Clone)]
 struct Provider {
     entered: Arc<Mutex<Vec<String>>>,
@@ -57,6 +64,9 @@ impl Executor<Enrich> for Provider {
             .lock()
             .unwrap()
             .push(ctx.effect_key().key.clone());
+        if ctx.effect_key().key.starts_with("doomed") {
+            return Err(EffectError::retryable("the provider refuses doomed keys"));
+        }
         self.tokens
             .recv()
             .map_err(|_| EffectError::retryable("the test ended"))?;
@@ -74,9 +84,15 @@ fn blocking_provider() -> (Provider, Sender<()>) {
 }
 
 fn open(dir: &std::path::Path, provider: Provider) -> Runtime {
-    runtime_builder(dir)
-        .shards(1)
-        .effects_running_max(1)
+    open_with(dir, provider, |b| b)
+}
+
+fn open_with(
+    dir: &std::path::Path,
+    provider: Provider,
+    settings: impl FnOnce(RuntimeBuilder) -> RuntimeBuilder,
+) -> Runtime {
+    settings(runtime_builder(dir).shards(1).effects_running_max(1))
         .register::<Product>()
         .executor::<Enrich>(provider)
         .open()
@@ -195,5 +211,274 @@ async fn prioritise_raises_waiting_effects_at_once_and_after_a_restart() {
     // others have queued; of those that queue, the raised one goes first.
     let at = order.iter().position(|k| k == "low-3").expect("low-3 ran");
     assert!(at <= 1, "low-3 was raised: {order:?}");
+    rt.shutdown().await;
+}
+
+/// Outbox lane `Low` holds at most three effects.
+fn low_outbox_of_three(b: RuntimeBuilder) -> RuntimeBuilder {
+    b.outbox_limits(Priority::Low, LaneLimits::new(3, 1 << 20))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_lane_holds_messages_back_and_loses_none() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (provider, tokens) = blocking_provider();
+        let entered = provider.entered.clone();
+        let rt = open_with(dir.path(), provider, low_outbox_of_three);
+        for i in 0..20 {
+            rt.entity::<Product>(format!("p-{i}"))
+                .tell(())
+                .priority(Priority::Low)
+                .await
+                .unwrap();
+        }
+        // Three messages are applied and their effects fill the lane; the next one waits
+        // for room without being applied, and the rest wait in the inbox behind it.
+        within(rt.wait_until(|s| s.applied == 3 && s.effect_priority(Priority::Low).blocked >= 1))
+            .await;
+        let s = rt.stats();
+        assert_eq!(s.effect_priority(Priority::Low).pending, 3, "round {round}");
+        assert_eq!(
+            s.lane(Priority::Low).pending,
+            17,
+            "round {round}: in the inbox"
+        );
+        let mut recorded = 0;
+        for i in 0..20 {
+            let effects = rt.effects_of::<Product>(&format!("p-{i}")).await.unwrap();
+            let state = rt
+                .entity::<Product>(format!("p-{i}"))
+                .snapshot()
+                .await
+                .unwrap()
+                .state;
+            assert_eq!(effects.len() as u64, state, "round {round}: p-{i}");
+            recorded += effects.len();
+        }
+        assert_eq!(
+            recorded, 3,
+            "round {round}: never more effects than the bound"
+        );
+        // Each finished effect lets one more message through, never over the bound.
+        for done in 1..=20u64 {
+            tokens.send(()).unwrap();
+            within(rt.wait_until(|s| s.effects_done == done)).await;
+            let s = rt.stats();
+            assert!(
+                s.effect_priority(Priority::Low).pending <= 3,
+                "round {round}: {:?}",
+                s.effect_priority(Priority::Low)
+            );
+        }
+        within(rt.idle()).await;
+        let order = entered.lock().unwrap().clone();
+        let unique: std::collections::HashSet<&String> = order.iter().collect();
+        assert!(
+            order.len() == 20 && unique.len() == 20,
+            "round {round}: every message applied, every effect performed once: {order:?}"
+        );
+        for i in 0..20 {
+            let snapshot = rt
+                .entity::<Product>(format!("p-{i}"))
+                .snapshot()
+                .await
+                .unwrap();
+            assert_eq!(snapshot.state, 1, "round {round}: p-{i}");
+        }
+        let s = rt.stats();
+        assert_eq!(s.effect_priority(Priority::Low).pending, 0);
+        assert_eq!(s.lane(Priority::Low).pending, 0);
+        rt.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_meets_a_full_outbox_lane_with_its_policy_and_gets_its_command_back() {
+    // Reject: refused at once, nothing applied, the command given back.
+    let dir = tempfile::tempdir().unwrap();
+    let (provider, tokens) = blocking_provider();
+    let rt = open_with(dir.path(), provider, |b| {
+        b.outbox_limits(
+            Priority::Normal,
+            LaneLimits::new(1, 1 << 20).when_full(WhenFull::Reject),
+        )
+    });
+    rt.entity::<Product>("a").ask(()).await.unwrap();
+    let refused = rt.entity::<Product>("b").ask(()).await.unwrap_err();
+    assert!(refused.is_retryable());
+    match &refused {
+        SubmitError::Overloaded {
+            backlog,
+            lane,
+            pending,
+            pending_max,
+            ..
+        } => {
+            assert_eq!(*backlog, BacklogKind::Outbox);
+            assert_eq!(*lane, Priority::Normal);
+            assert_eq!((*pending, *pending_max), (1, 1));
+        }
+        other => panic!("expected Overloaded, got {other:?}"),
+    }
+    assert!(refused.to_string().contains("outbox_limits"), "{refused}");
+    assert_eq!(refused.into_command::<()>(), Some(()));
+    let b = rt.entity::<Product>("b").snapshot().await.unwrap();
+    assert_eq!((b.state, b.revision), (0, 0), "nothing of b was applied");
+    assert_eq!(rt.stats().effect_priority(Priority::Normal).refused, 1);
+    tokens.send(()).unwrap();
+    within(rt.wait_until(|s| s.effects_done == 1)).await;
+    assert_eq!(
+        rt.entity::<Product>("b").ask(()).await.unwrap().reply(),
+        Some(&1)
+    );
+    tokens.send(()).unwrap();
+    within(rt.idle()).await;
+    rt.shutdown().await;
+
+    // Block: the ask waits for room and is applied once an effect finishes.
+    let dir = tempfile::tempdir().unwrap();
+    let (provider, tokens) = blocking_provider();
+    let entered = provider.entered.clone();
+    let rt = open_with(dir.path(), provider, |b| {
+        b.outbox_limits(
+            Priority::Normal,
+            LaneLimits::new(1, 1 << 20).when_full(WhenFull::Block(Duration::from_secs(60))),
+        )
+    });
+    rt.entity::<Product>("a").ask(()).await.unwrap();
+    let b = rt.entity::<Product>("b");
+    let waiting = tokio::spawn(async move { b.ask(()).await });
+    within(rt.wait_until(|s| s.effect_priority(Priority::Normal).blocked == 1)).await;
+    let snapshot = rt.entity::<Product>("b").snapshot().await.unwrap();
+    assert_eq!(snapshot.state, 0, "b waits, not applied");
+    assert!(!waiting.is_finished());
+    tokens.send(()).unwrap();
+    let answer = within(waiting).await.unwrap().unwrap();
+    assert_eq!(answer.reply(), Some(&1));
+    tokens.send(()).unwrap();
+    within(rt.idle()).await;
+    assert_eq!(*entered.lock().unwrap(), ["a", "b"]);
+    rt.shutdown().await;
+
+    // Block with a deadline that passes: refused with the command once it has.
+    let dir = tempfile::tempdir().unwrap();
+    let (provider, tokens) = blocking_provider();
+    let rt = open_with(dir.path(), provider, |b| {
+        b.outbox_limits(
+            Priority::Normal,
+            LaneLimits::new(1, 1 << 20).when_full(WhenFull::Block(Duration::from_millis(20))),
+        )
+    });
+    rt.entity::<Product>("a").ask(()).await.unwrap();
+    let refused = within(rt.entity::<Product>("b").ask(())).await.unwrap_err();
+    assert!(matches!(
+        refused,
+        SubmitError::Overloaded {
+            backlog: BacklogKind::Outbox,
+            ..
+        }
+    ));
+    assert_eq!(refused.into_command::<()>(), Some(()));
+    assert_eq!(rt.entity::<Product>("b").snapshot().await.unwrap().state, 0);
+    tokens.send(()).unwrap();
+    within(rt.idle()).await;
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_bound_is_counted_again_from_the_disk_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (provider, tokens) = blocking_provider();
+    let rt = open_with(dir.path(), provider, low_outbox_of_three);
+    for key in ["x", "y", "z"] {
+        rt.entity::<Product>(key)
+            .ask(())
+            .priority(Priority::Low)
+            .await
+            .unwrap();
+    }
+    rt.close_now();
+    drop(tokens);
+    let (provider, tokens) = blocking_provider();
+    let entered = provider.entered.clone();
+    let rt = open_with(dir.path(), provider, |b| {
+        b.outbox_limits(
+            Priority::Low,
+            LaneLimits::new(3, 1 << 20).when_full(WhenFull::Reject),
+        )
+    });
+    assert_eq!(rt.stats().effect_priority(Priority::Low).pending, 3);
+    let refused = rt
+        .entity::<Product>("w")
+        .ask(())
+        .priority(Priority::Low)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        SubmitError::Overloaded {
+            backlog: BacklogKind::Outbox,
+            pending: 3,
+            ..
+        }
+    ));
+    for _ in 0..3 {
+        tokens.send(()).unwrap();
+    }
+    within(rt.wait_until(|s| s.effects_done == 3)).await;
+    assert_eq!(rt.stats().effect_priority(Priority::Low).pending, 0);
+    rt.entity::<Product>("w")
+        .ask(())
+        .priority(Priority::Low)
+        .await
+        .unwrap();
+    tokens.send(()).unwrap();
+    within(rt.idle()).await;
+    let mut order = entered.lock().unwrap().clone();
+    order.sort();
+    assert_eq!(order, ["w", "x", "y", "z"]);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_dead_lettered_effect_takes_room_in_its_outbox_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let (provider, tokens) = blocking_provider();
+    let rt = open_with(dir.path(), provider, |b| {
+        b.effect_retry(fast_retry(1)).outbox_limits(
+            Priority::Normal,
+            LaneLimits::new(1, 1 << 20).when_full(WhenFull::Reject),
+        )
+    });
+    rt.entity::<Product>("doomed").ask(()).await.unwrap();
+    within(rt.wait_until(|s| s.effects_dead_lettered == 1)).await;
+    assert_eq!(rt.stats().effect_priority(Priority::Normal).pending, 0);
+    rt.entity::<Product>("held").ask(()).await.unwrap();
+    let letter = rt.effect_dead_letters().await.unwrap().remove(0).effect_key;
+    let refused = rt.requeue_effect(&letter).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            AdminError::Overloaded {
+                backlog: BacklogKind::Outbox,
+                lane: Priority::Normal,
+                pending: 1,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        rt.effect_dead_letters().await.unwrap().len(),
+        1,
+        "still there"
+    );
+    tokens.send(()).unwrap();
+    within(rt.wait_until(|s| s.effects_done == 1)).await;
+    assert!(rt.requeue_effect(&letter).await.unwrap());
+    within(rt.wait_until(|s| s.effects_dead_lettered == 2)).await;
+    within(rt.idle()).await;
+    assert_eq!(rt.stats().effect_priority(Priority::Normal).pending, 0);
     rt.shutdown().await;
 }

@@ -29,8 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keystead::{
-    Context, Effect, EffectContext, EffectError, Entity, Executor, Failure, FailureKind, Feedback,
-    LaneLimits, Outcome, Priority, Recorded, RetryPolicy, Runtime, SubmitError, WhenFull,
+    BacklogKind, Context, Effect, EffectContext, EffectError, Entity, Executor, Failure,
+    FailureKind, Feedback, LaneLimits, Outcome, Priority, Recorded, RetryPolicy, Runtime,
+    SubmitError, WhenFull,
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,9 @@ pub const MODE_ENV: &str = "KEYSTEAD_TORTURE_MODE";
 pub const ANNOUNCE_ENV: &str = "KEYSTEAD_TORTURE_ANNOUNCE";
 /// The low lane's limit in the torture runtime.
 pub const LOW_PENDING_MAX: u64 = 4;
+/// The effects the low lane of the outbox may hold: small, so that low messages meet it
+/// full (a low tell then waits in the inbox, a low ask is refused, not acknowledged).
+pub const LOW_OUTBOX_MAX: u64 = 2;
 
 /// The engine and the durability mode a torture runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -265,6 +269,10 @@ pub fn runtime(dir: &Path, mode: Mode) -> Result<Runtime, keystead::OpenError> {
             Priority::Low,
             LaneLimits::new(LOW_PENDING_MAX, 1 << 20).when_full(WhenFull::Reject),
         )
+        .outbox_limits(
+            Priority::Low,
+            LaneLimits::new(LOW_OUTBOX_MAX, 1 << 20).when_full(WhenFull::Reject),
+        )
         .register::<LedgerEntity>()
         .executor::<Post>(Provider::open(&dir.join("provider.log")))
         .open()
@@ -294,6 +302,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
         Arc::new(Mutex::new(file.expect("an append-only log")))
     };
     let (acks, sheds) = (append("acks.log"), append("sheds.log"));
+    let refused = append("outbox-refused.log");
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..KEYS).map(|_| AtomicU64::new(run << 32)).collect());
     let tasks: Vec<_> = (0..SENDERS)
@@ -302,6 +311,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                 .map(|k| rt.entity::<LedgerEntity>(format!("k{k}")))
                 .collect();
             let (acks, sheds, versions) = (acks.clone(), sheds.clone(), versions.clone());
+            let refused = refused.clone();
             tokio::spawn(async move {
                 let mut rng = run.wrapping_mul(1_000_003) ^ s;
                 let mut sent: Vec<(u64, String)> = Vec::new();
@@ -321,7 +331,18 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                     let sheddable = priority == Priority::Low && (roll >> 12).is_multiple_of(2);
                     let ok = if roll.is_multiple_of(3) {
                         let asked = e.ask(()).id(id.clone()).version(version);
-                        asked.priority(priority).await.is_ok()
+                        match asked.priority(priority).await {
+                            Ok(_) => true,
+                            Err(SubmitError::Overloaded {
+                                backlog: BacklogKind::Outbox,
+                                ..
+                            }) => {
+                                // Not applied, not acknowledged: its effect found no room.
+                                log_ack(&refused, &format!("k{k}"), &id);
+                                false
+                            }
+                            Err(_) => false,
+                        }
                     } else {
                         let told = e.tell(()).id(id.clone()).version(version);
                         let told = told.priority(priority);
@@ -452,6 +473,10 @@ pub struct Report {
     pub shed_requeued: u64,
     /// A shed message whose two requeues both succeeded, or that was applied twice.
     pub shed_twice: u64,
+    /// Low asks refused because the low outbox lane was full (logged by the children).
+    pub outbox_refused: u64,
+    /// Recovered low messages that waited for room in the low outbox lane at verification.
+    pub outbox_waits: u64,
     pub seconds: f64,
 }
 
@@ -472,7 +497,7 @@ impl Report {
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 23] = [
+        let rows: [(&str, String); 25] = [
             ("mode", self.mode.clone()),
             ("kills (SIGKILL)", self.kills.to_string()),
             (
@@ -530,6 +555,14 @@ impl Report {
             (
                 "SHED APPLIED TWICE (or requeued twice)",
                 self.shed_twice.to_string(),
+            ),
+            (
+                "low asks refused: outbox lane full",
+                self.outbox_refused.to_string(),
+            ),
+            (
+                "messages that waited for outbox room (verification)",
+                self.outbox_waits.to_string(),
             ),
             ("seconds", format!("{:.1}", self.seconds)),
         ];
@@ -802,6 +835,8 @@ async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report
         }
     }
     rt.idle().await;
+    report.outbox_waits += rt.stats().effect_priority(Priority::Low).blocked;
+    report.outbox_refused = read_lines(&dir.join("outbox-refused.log")).len() as u64;
     // After the resends: a lost id sent again is applied once, never twice.
     let states = states(&rt).await;
     report.double_applied += double_applied(&states);

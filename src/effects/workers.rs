@@ -16,8 +16,8 @@ use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
 use crate::core::records::RaiseRecord;
 use crate::core::records::{InboxRecord, Meta};
-use crate::error::StoreError;
-use crate::priority::Priority;
+use crate::error::{AdminError, StoreError};
+use crate::priority::{BacklogKind, Priority};
 use crate::retry::RetryPolicy;
 use crate::runtime::admission::{Gate, GateConfig, GateKind};
 use crate::runtime::shared::Shared;
@@ -294,6 +294,7 @@ impl Effects {
                         }
                         return Err(());
                     }
+                    self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_done);
                     tracing::info!(target: "keystead", parent: &span, "effect done");
                     if feedback.is_some() {
@@ -307,6 +308,7 @@ impl Effects {
                     self.transition(&mut record, EffectStatus::Failed, Some(reason.clone()));
                     span.record("status", "failed");
                     self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_failed);
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect failed permanently");
                     return Ok(());
@@ -321,6 +323,7 @@ impl Effects {
                     );
                     span.record("status", "dead_lettered");
                     self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_dead_lettered);
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect dead-lettered");
                     return Ok(());
@@ -390,6 +393,14 @@ impl Effects {
         }
     }
 
+    /// An effect left the outbox (its end is committed): its room in its lane is free.
+    fn finished(&self, outbox_key: &[u8], record: &EffectRecord) {
+        let lane = effect_lane(Space::Outbox, outbox_key);
+        self.shared
+            .outbox
+            .release_n(lane, 1, record.payload.len() as u64);
+    }
+
     /// Moves a finished effect from the outbox to the history.
     fn finish_ops(&self, outbox_key: &[u8], record: &EffectRecord) -> Result<Vec<Op>, ()> {
         let mut history_key = outbox_key.to_vec();
@@ -449,25 +460,53 @@ impl Effects {
     }
 
     /// Moves a dead-lettered effect back to the outbox with its attempts reset; true when
-    /// there was one.
-    pub(crate) async fn requeue(self: &Arc<Self>, key: &EffectKey) -> Result<bool, StoreError> {
+    /// there was one. It takes room in its outbox lane like any effect: refused, and left
+    /// where it is, when the lane is full.
+    pub(crate) async fn requeue(self: &Arc<Self>, key: &EffectKey) -> Result<bool, AdminError> {
         let Some((history_key, mut record)) = find(&self.store, Space::EffectHistory, key)? else {
             return Ok(false);
         };
         if record.info.status != EffectStatus::DeadLettered {
             return Ok(false);
         }
+        let lane = effect_lane(Space::EffectHistory, &history_key);
+        let bytes = record.payload.len() as u64;
+        if let Err(full) = self.shared.outbox.try_reserve_n(lane, 1, bytes) {
+            return Err(AdminError::Overloaded {
+                entity: self
+                    .executors
+                    .get(record.info.name.as_str())
+                    .map_or("unregistered", |r| r.origin),
+                key: key.key.clone(),
+                backlog: BacklogKind::Outbox,
+                lane,
+                pending: full.pending,
+                pending_max: full.limits.pending_max(),
+            });
+        }
         self.transition(&mut record, EffectStatus::Pending, None);
         record.info.attempts = 0;
         let mut outbox_key = history_key.clone();
         outbox_key[0] = Space::Outbox as u8;
-        let bytes = codec::encode(&record).map_err(|e| StoreError::Io {
+        let encoded = codec::encode(&record).map_err(|e| StoreError::Io {
             op: "requeue effect",
             source: std::io::Error::other(e),
-        })?;
-        self.store
-            .commit(vec![Op::Delete(history_key), Op::Put(outbox_key, bytes)])
-            .await?;
+        });
+        let encoded = match encoded {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                self.shared.outbox.release_n(lane, 1, bytes);
+                return Err(e.into());
+            }
+        };
+        let moved = self
+            .store
+            .commit(vec![Op::Delete(history_key), Op::Put(outbox_key, encoded)])
+            .await;
+        if let Err(e) = moved {
+            self.shared.outbox.release_n(lane, 1, bytes);
+            return Err(e.into());
+        }
         self.wake(&key.entity, &key.key, record.independent);
         Ok(true)
     }

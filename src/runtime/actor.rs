@@ -24,10 +24,11 @@ use crate::core::records::{
 };
 use crate::effects::Effects;
 use crate::entity::Entity;
-use crate::error::{AdminError, DecodeError, StoreError, SubmitError};
+use crate::error::{AdminError, DecodeError, Returned, StoreError, SubmitError};
 use crate::outcome::{OutcomeKind, Recorded};
-use crate::priority::Priority;
+use crate::priority::{BacklogKind, Priority, WhenFull};
 use crate::runtime::admission::Ticket;
+use crate::runtime::backlog::Full;
 use crate::runtime::mail::{AdminAction, AskReply, Forward, Idle, Job, Stop};
 use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
@@ -59,8 +60,50 @@ struct Work<E: Entity> {
     priority: Priority,
     /// Held for the life of an `ask`.
     ticket: Option<Ticket>,
+    /// Room in the outbox taken while the message waited for it (its effects did not fit).
+    room: Option<Room>,
+    /// For an `ask` waiting for outbox room: when it stops waiting.
+    room_deadline: Option<Instant>,
     span: tracing::Span,
     started: Instant,
+}
+
+/// Room taken in the outbox for one message's effects: given back when dropped (the
+/// message was not committed), kept once its effects are committed (the effect workers
+/// give it back as each effect finishes).
+struct Room {
+    shared: Arc<Shared>,
+    lane: Priority,
+    count: u64,
+    bytes: u64,
+}
+
+impl Room {
+    /// Gives back what this holds beyond `count` effects and `bytes`.
+    fn shrink_to(&mut self, count: u64, bytes: u64) {
+        let (extra_count, extra_bytes) = (self.count - count, self.bytes - bytes);
+        if extra_count > 0 || extra_bytes > 0 {
+            self.shared
+                .outbox
+                .release_n(self.lane, extra_count, extra_bytes);
+        }
+        (self.count, self.bytes) = (count, bytes);
+    }
+
+    /// The effects are committed: their room stays taken until each finishes.
+    fn keep(mut self) {
+        (self.count, self.bytes) = (0, 0);
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if self.count > 0 || self.bytes > 0 {
+            self.shared
+                .outbox
+                .release_n(self.lane, self.count, self.bytes);
+        }
+    }
 }
 
 pub(crate) struct EntityActor<E: Entity> {
@@ -247,6 +290,8 @@ impl<E: Entity> EntityActor<E> {
                     retire: None,
                     priority,
                     ticket: Some(ticket),
+                    room: None,
+                    room_deadline: None,
                     span,
                     started: Instant::now(),
                 };
@@ -397,6 +442,8 @@ impl<E: Entity> EntityActor<E> {
             retire: Some((retire.lane, retire.bytes)),
             priority: retire.lane,
             ticket: None,
+            room: None,
+            room_deadline: None,
             span,
             started: Instant::now(),
         };
@@ -576,6 +623,16 @@ impl<E: Entity> EntityActor<E> {
                     matches!(&verdict, Verdict::Applied { effects, .. } if !effects.is_empty());
                 let has_independent = matches!(&verdict,
                     Verdict::Applied { effects, .. } if effects.iter().any(|e| e.independent));
+                let effects_need = match &verdict {
+                    Verdict::Applied { effects, .. } if !effects.is_empty() => Some((
+                        effects.len() as u64,
+                        effects
+                            .iter()
+                            .map(|e| e.payload.as_ref().map_or(0, |p| p.len() as u64))
+                            .sum::<u64>(),
+                    )),
+                    _ => None,
+                };
                 let outbox_seq = if has_effects {
                     self.shared.next_seq()
                 } else {
@@ -622,12 +679,19 @@ impl<E: Entity> EntityActor<E> {
                         }
                     });
                 }
+                let room = match self.outbox_room(&mut work, effects_need) {
+                    Ok(room) => room,
+                    Err((need, full)) => return self.wait_for_outbox(work, need, full, ctx),
+                };
                 self.busy = true;
                 let commit = self.store.commit_with_seq(ops, outbox_seq);
                 ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
                     act.busy = false;
                     match result {
                         Ok(()) => {
+                            if let Some(room) = room {
+                                room.keep();
+                            }
                             if has_effects {
                                 act.effects.wake(E::NAME, &act.key, has_independent);
                             }
@@ -644,6 +708,125 @@ impl<E: Entity> EntityActor<E> {
                     act.pump(ctx);
                 }));
             }
+        }
+    }
+
+    /// Room in the outbox for the effects a message records (`need`: how many, and their
+    /// payload bytes), in the message's lane: the room it already took while waiting, or
+    /// new room. The error says what the lane holds.
+    #[allow(clippy::type_complexity)]
+    fn outbox_room(
+        &self,
+        work: &mut Work<E>,
+        need: Option<(u64, u64)>,
+    ) -> Result<Option<Room>, ((u64, u64), Full)> {
+        let held = work.room.take();
+        let Some((count, bytes)) = need else {
+            return Ok(None);
+        };
+        if let Some(mut held) = held {
+            if held.count >= count && held.bytes >= bytes {
+                held.shrink_to(count, bytes);
+                return Ok(Some(held));
+            }
+        }
+        let lane = work.priority;
+        match self.shared.outbox.try_reserve_n(lane, count, bytes) {
+            Ok(()) => Ok(Some(Room {
+                shared: self.shared.clone(),
+                lane,
+                count,
+                bytes,
+            })),
+            Err(full) => Err(((count, bytes), full)),
+        }
+    }
+
+    /// The message's effects do not fit in its outbox lane: it is not applied yet. A
+    /// message from the inbox waits for room as long as it takes (it is accepted; the
+    /// entity's later messages wait behind it, so the inbox fills and backpressure reaches
+    /// `tell`). An `ask` waits as the lane's policy says, then is refused with its command.
+    /// Once room is taken the message is evaluated again (its state has not changed: the
+    /// actor is busy meanwhile).
+    fn wait_for_outbox(
+        &mut self,
+        mut work: Work<E>,
+        (count, bytes): (u64, u64),
+        full: Full,
+        ctx: &mut Context<Self>,
+    ) {
+        let lane = work.priority;
+        let deadline = if work.source.inbox_key.is_some() {
+            None
+        } else {
+            match full.limits.when_full_policy() {
+                WhenFull::Reject => return self.refuse_outbox(work, full),
+                WhenFull::Block(wait_max) => Some(
+                    *work
+                        .room_deadline
+                        .get_or_insert_with(|| Instant::now() + wait_max),
+                ),
+            }
+        };
+        Stats::bump(&self.shared.stats.effect_priorities[lane.index()].blocked);
+        self.shared.stats.notify();
+        tracing::debug!(target: "keystead", parent: &work.span, lane = lane.as_str(),
+            pending = full.pending, pending_max = full.limits.pending_max(),
+            "the outbox lane is full; the message waits for room for its effects");
+        self.busy = true;
+        let shared = self.shared.clone();
+        let wait = async move {
+            shared
+                .outbox
+                .reserve_until(lane, count, bytes, deadline)
+                .await
+        };
+        ctx.spawn(wait.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            match result {
+                Ok(()) => {
+                    work.room = Some(Room {
+                        shared: act.shared.clone(),
+                        lane,
+                        count,
+                        bytes,
+                    });
+                    act.process(work, ctx);
+                }
+                Err(full) => act.refuse_outbox(work, full),
+            }
+            act.pump(ctx);
+        }));
+    }
+
+    /// Refuses an `ask` whose effects found no room in its outbox lane, giving its command
+    /// back. Nothing was written.
+    fn refuse_outbox(&mut self, work: Work<E>, full: Full) {
+        let lane = work.priority;
+        Stats::bump(&self.shared.stats.effect_priorities[lane.index()].refused);
+        self.shared.stats.notify();
+        let Work {
+            command,
+            reply,
+            span,
+            ..
+        } = work;
+        span.record(field::OUTCOME, "overloaded");
+        tracing::info!(target: "keystead", parent: &span, lane = lane.as_str(),
+            "the outbox lane is full; the ask is refused with its command");
+        let error = SubmitError::Overloaded {
+            entity: E::NAME,
+            key: self.key.clone(),
+            backlog: BacklogKind::Outbox,
+            lane,
+            pending: full.pending,
+            pending_max: full.limits.pending_max(),
+            pending_bytes: full.pending_bytes,
+            pending_bytes_max: full.limits.pending_bytes_max(),
+            command: Returned::new(command),
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(error));
         }
     }
 
@@ -848,6 +1031,7 @@ impl<E: Entity> EntityActor<E> {
             let _ = reply.send(Err(AdminError::Overloaded {
                 entity: E::NAME,
                 key: self.key.clone(),
+                backlog: BacklogKind::Inbox,
                 lane,
                 pending: full.pending,
                 pending_max: full.limits.pending_max(),

@@ -16,7 +16,7 @@ use crate::core::records::{InboxRecord, Meta, ShedRecord, StateRecord};
 use crate::entity::Entity;
 use crate::error::{AdminError, Returned, SubmitError};
 use crate::ids;
-use crate::priority::Priority;
+use crate::priority::{BacklogKind, Priority, WhenFull};
 use crate::runtime::admission::Ticket;
 use crate::runtime::inner::Inner;
 use crate::runtime::mail::{AdminAction, Deliver, Job};
@@ -670,10 +670,16 @@ impl<E: Entity> IntoFuture for Tell<E> {
             // Room in the lane first, holding nothing while we wait for it: the work that
             // makes room needs admission slots.
             let backlog = &inner.shared.backlog;
-            let room = if sheddable {
-                backlog.try_reserve(priority, size)
-            } else {
-                backlog.reserve(priority, size).await
+            let room = match backlog.try_reserve(priority, size) {
+                Err(_)
+                    if !sheddable
+                        && backlog.limits(priority).when_full_policy() != WhenFull::Reject =>
+                {
+                    Stats::bump(&inner.shared.stats.lanes[priority.index()].blocked);
+                    inner.shared.stats.notify();
+                    backlog.reserve(priority, size).await
+                }
+                room => room,
             };
             let storage = |source| SubmitError::Storage {
                 entity: E::NAME,
@@ -691,6 +697,7 @@ impl<E: Entity> IntoFuture for Tell<E> {
                     return Err(SubmitError::Overloaded {
                         entity: E::NAME,
                         key: key.clone(),
+                        backlog: BacklogKind::Inbox,
                         lane: priority,
                         pending: full.pending,
                         pending_max: full.limits.pending_max(),

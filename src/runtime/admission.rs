@@ -493,6 +493,7 @@ mod tests {
             stats: Stats::default(),
             seq: AtomicU64::new(1),
             backlog: crate::runtime::backlog::Backlog::new(Default::default()),
+            outbox: crate::runtime::backlog::Backlog::new(Default::default()),
             feeds: vec![Default::default()],
             inbox_generations: vec![AtomicU64::new(0)],
         });

@@ -61,21 +61,34 @@ impl Backlog {
 
     /// Counts work found on disk at open (never refused: it is already accepted).
     pub(crate) fn force(&self, lane: Priority, bytes: u64) {
+        self.force_n(lane, 1, bytes);
+    }
+
+    /// Counts `count` items of `bytes` in all that are already accepted (never refused).
+    pub(crate) fn force_n(&self, lane: Priority, count: u64, bytes: u64) {
         let mut held = self.lanes[lane.index()].held.lock();
-        held.count += 1;
+        held.count += count;
         held.bytes += bytes;
     }
 
     /// Takes room for one message of `bytes` at once, or says what the lane holds.
     pub(crate) fn try_reserve(&self, lane: Priority, bytes: u64) -> Result<(), Full> {
+        self.try_reserve_n(lane, 1, bytes)
+    }
+
+    /// Takes room for `count` items of `bytes` in all (the effects of one message), at once
+    /// or not at all, or says what the lane holds.
+    pub(crate) fn try_reserve_n(&self, lane: Priority, count: u64, bytes: u64) -> Result<(), Full> {
         let backlog = &self.lanes[lane.index()];
         let mut held = backlog.held.lock();
         let limits = backlog.limits;
-        // A message larger than the whole byte budget still gets in alone, so that no
-        // message is refused forever.
-        let fits_bytes = held.bytes + bytes <= limits.pending_bytes_max() || held.count == 0;
-        if held.count < limits.pending_max() && fits_bytes {
-            held.count += 1;
+        // Work larger than the whole budget still gets in alone into a lane that may hold
+        // anything, so that nothing is refused forever.
+        let alone = held.count == 0 && limits.pending_max() > 0;
+        let fits_count = held.count + count <= limits.pending_max() || alone;
+        let fits_bytes = held.bytes + bytes <= limits.pending_bytes_max() || alone;
+        if fits_count && fits_bytes {
+            held.count += count;
             held.bytes += bytes;
             Ok(())
         } else {
@@ -87,36 +100,64 @@ impl Backlog {
         }
     }
 
-    /// Takes room for one message, waiting as the lane's policy says when it is full.
-    pub(crate) async fn reserve(&self, lane: Priority, bytes: u64) -> Result<(), Full> {
+    /// Takes room for `count` items of `bytes`, waiting for it until `deadline` (with
+    /// `None`, as long as it takes). The error says what the lane held at the deadline.
+    pub(crate) async fn reserve_until(
+        &self,
+        lane: Priority,
+        count: u64,
+        bytes: u64,
+        deadline: Option<Instant>,
+    ) -> Result<(), Full> {
         let backlog = &self.lanes[lane.index()];
-        let wait_max = match backlog.limits.when_full_policy() {
-            WhenFull::Reject => return self.try_reserve(lane, bytes),
-            WhenFull::Block(wait_max) => wait_max,
-        };
-        let deadline = Instant::now() + wait_max;
         loop {
             let room = backlog.room.notified();
             tokio::pin!(room);
             // Registered before the check, so a release in between is not missed.
             room.as_mut().enable();
-            let full = match self.try_reserve(lane, bytes) {
+            let full = match self.try_reserve_n(lane, count, bytes) {
                 Ok(()) => return Ok(()),
                 Err(full) => full,
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, room).await.is_err() {
-                return Err(full);
+            match deadline {
+                None => room.await,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || tokio::time::timeout(left, room).await.is_err() {
+                        return Err(full);
+                    }
+                }
             }
         }
     }
 
+    /// Takes room for one message, waiting as the lane's policy says when it is full.
+    pub(crate) async fn reserve(&self, lane: Priority, bytes: u64) -> Result<(), Full> {
+        match self.limits(lane).when_full_policy() {
+            WhenFull::Reject => self.try_reserve(lane, bytes),
+            WhenFull::Block(wait_max) => {
+                self.reserve_until(lane, 1, bytes, Some(Instant::now() + wait_max))
+                    .await
+            }
+        }
+    }
+
+    /// The limits of lane `lane`.
+    pub(crate) fn limits(&self, lane: Priority) -> LaneLimits {
+        self.lanes[lane.index()].limits
+    }
+
     /// Gives back the room of one retired message.
     pub(crate) fn release(&self, lane: Priority, bytes: u64) {
+        self.release_n(lane, 1, bytes);
+    }
+
+    /// Gives back the room of `count` items of `bytes` in all.
+    pub(crate) fn release_n(&self, lane: Priority, count: u64, bytes: u64) {
         let backlog = &self.lanes[lane.index()];
         {
             let mut held = backlog.held.lock();
-            held.count = held.count.saturating_sub(1);
+            held.count = held.count.saturating_sub(count);
             held.bytes = held.bytes.saturating_sub(bytes);
         }
         backlog.room.notify_waiters();
@@ -316,5 +357,32 @@ mod tests {
         backlog.release(Priority::Low, 10);
         waiting.await.unwrap().expect("room after the release");
         assert_eq!(backlog.pending(Priority::Low), (1, 10));
+    }
+
+    #[test]
+    fn several_items_are_reserved_all_or_nothing() {
+        let lane = backlog(5, 100, WhenFull::Reject);
+        lane.try_reserve_n(Priority::Low, 3, 60).unwrap();
+        let full = lane.try_reserve_n(Priority::Low, 3, 10).unwrap_err();
+        assert_eq!(
+            (full.pending, full.pending_bytes),
+            (3, 60),
+            "count: none taken"
+        );
+        let full = lane.try_reserve_n(Priority::Low, 2, 41).unwrap_err();
+        assert_eq!(
+            (full.pending, full.pending_bytes),
+            (3, 60),
+            "bytes: none taken"
+        );
+        lane.try_reserve_n(Priority::Low, 2, 40).unwrap();
+        assert_eq!(lane.pending(Priority::Low), (5, 100));
+        lane.release_n(Priority::Low, 5, 100);
+        // More items than the whole limit still get in alone, so nothing waits forever.
+        lane.try_reserve_n(Priority::Low, 9, 500).unwrap();
+        assert_eq!(lane.pending(Priority::Low), (9, 500));
+        // A lane that may hold nothing holds nothing.
+        let none = backlog(0, 100, WhenFull::Reject);
+        assert!(none.try_reserve_n(Priority::Low, 1, 0).is_err());
     }
 }

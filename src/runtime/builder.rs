@@ -14,6 +14,8 @@ use parking_lot::Mutex;
 
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
+use crate::core::codec;
+use crate::core::effect::{effect_lane, EffectRecord};
 use crate::core::hash::shard_of;
 use crate::core::keys::{self, Space, ENTITY_NAME_LEN_MAX};
 use crate::durability::Durability;
@@ -82,6 +84,7 @@ pub struct RuntimeBuilder {
     effects_running_max: usize,
     entity_in_flight_max: Option<usize>,
     lane_limits: [LaneLimits; 4],
+    outbox_limits: [LaneLimits; 4],
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -126,6 +129,7 @@ impl RuntimeBuilder {
             effects_running_max: 64,
             entity_in_flight_max: None,
             lane_limits: [LaneLimits::default(); 4],
+            outbox_limits: [LaneLimits::default(); 4],
         }
     }
 
@@ -269,6 +273,19 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The most effects lane `lane` of the outbox may hold (recorded by handlers of
+    /// messages in that lane and not yet finished), counted and in payload bytes. A message
+    /// whose effects do not fit is not applied yet: a message from the inbox waits for room
+    /// (its entity's later messages wait behind it, and the inbox fills, so backpressure
+    /// reaches `tell`); an `ask` waits as the lane's [`WhenFull`](crate::WhenFull) says and
+    /// then gets [`SubmitError::Overloaded`](crate::SubmitError::Overloaded) with its
+    /// command back. Default for every lane: [`LaneLimits::default`] (1,000,000 effects,
+    /// 1 GiB); `pending_max` must be at least 1.
+    pub fn outbox_limits(mut self, lane: Priority, limits: LaneLimits) -> Self {
+        self.outbox_limits[lane.index()] = limits;
+        self
+    }
+
     /// How many admissions may pass over a waiting lane before its oldest caller is admitted
     /// anyway (promoted), so no lane starves under a flood of higher ones. A lane that keeps
     /// callers waiting is admitted within `admissions + 3` admissions. Default: 16.
@@ -337,6 +354,12 @@ impl RuntimeBuilder {
                     "must be between 1 and in_flight_max (one entity's share of its shard)",
                 );
             }
+        }
+        if self.outbox_limits.iter().any(|l| l.pending_max() == 0) {
+            return invalid(
+                "outbox_limits",
+                "pending_max must be at least 1 (a lane that can hold no effect would hold back every message that records one)",
+            );
         }
         if self.config.lane_promote_after == 0 {
             return invalid(
@@ -448,6 +471,7 @@ impl RuntimeBuilder {
             stats: Stats::default(),
             seq: AtomicU64::new(seq_start),
             backlog,
+            outbox: Backlog::new(self.outbox_limits),
             feeds: (0..self.shards).map(|_| Default::default()).collect(),
             inbox_generations: (0..self.shards).map(|_| AtomicU64::new(0)).collect(),
         });
@@ -457,7 +481,7 @@ impl RuntimeBuilder {
             Ordering::Release,
         );
 
-        let outbox = scan_outbox(&store).map_err(|source| OpenError::Store {
+        let outbox = scan_outbox(&store, &shared.outbox).map_err(|source| OpenError::Store {
             path: self.path.clone(),
             source,
         })?;
@@ -619,14 +643,21 @@ pub(crate) fn ensure_lane_index(
     Ok(true)
 }
 
-/// The entities that have unfinished effects, in key order.
-pub(crate) fn scan_outbox(store: &Store) -> Result<Vec<(String, String)>, StoreError> {
+/// The entities that have unfinished effects, in key order; counts the outbox into
+/// `outbox`, per lane (the lane each effect was recorded in) and in payload bytes.
+pub(crate) fn scan_outbox(
+    store: &Store,
+    outbox: &Backlog,
+) -> Result<Vec<(String, String)>, StoreError> {
     let mut entities: Vec<(String, String)> = Vec::new();
     for entry in store.scan_prefix(&[Space::Outbox as u8])? {
-        let (key, _) = entry?;
+        let (key, value) = entry?;
         let Some(parsed) = keys::parse(Space::Outbox, &key) else {
             continue;
         };
+        let bytes = codec::decode::<EffectRecord>("effect record", &value)
+            .map_or(0, |record| record.payload.len() as u64);
+        outbox.force_n(effect_lane(Space::Outbox, &key), 1, bytes);
         let is_new = entities
             .last()
             .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);

@@ -96,6 +96,9 @@ impl Runtime {
             stats.lanes[lane.index()].pending = pending;
             stats.lanes[lane.index()].pending_bytes = bytes;
             stats.inbox_pending += pending;
+            let (effects, effect_bytes) = self.inner.shared.outbox.pending(lane);
+            stats.effect_priorities[lane.index()].pending = effects;
+            stats.effect_priorities[lane.index()].pending_bytes = effect_bytes;
         }
         stats
     }
@@ -238,12 +241,15 @@ impl Runtime {
     /// runs it. Returns `false` if there is no such dead letter.
     ///
     /// # Errors
-    /// [`AdminError::Closed`] after shutdown; [`AdminError::Storage`] if the store fails.
+    /// [`AdminError::Closed`] after shutdown; [`AdminError::Storage`] if the store fails;
+    /// [`AdminError::Overloaded`] if its outbox lane is full (see
+    /// [`RuntimeBuilder::outbox_limits`](crate::RuntimeBuilder::outbox_limits)): it stays a
+    /// dead letter.
     pub async fn requeue_effect(&self, key: &EffectKey) -> Result<bool, AdminError> {
         if self.inner.is_closed() {
             return Err(AdminError::Closed);
         }
-        Ok(self.inner.effects.requeue(key).await?)
+        self.inner.effects.requeue(key).await
     }
 
     /// Removes dedup records, and finished (done or failed) effect records, older than the

@@ -40,8 +40,10 @@ pub(crate) struct Shared {
     pub clock: Arc<dyn Clock>,
     pub stats: Stats,
     pub(crate) seq: AtomicU64,
-    /// Durable work pending per lane.
+    /// Messages pending in the inbox, per lane.
     pub backlog: Backlog,
+    /// Effects pending in the outbox, per lane (the lane each was recorded in).
+    pub outbox: Backlog,
     /// Per shard, per lane: the signals to its lane feeder.
     pub feeds: Vec<[LaneFeed; 4]>,
     /// Per shard: bumped after every commit that adds an inbox entry there, so an actor
