@@ -418,6 +418,111 @@ async fn backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
     Ok(measured)
 }
 
+/// A product whose every update records a refresh through a provider that is down.
+struct Product;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Refresh;
+
+impl keystead::Effect for Refresh {
+    const NAME: &'static str = "refresh";
+    type Origin = Product;
+}
+
+impl Entity for Product {
+    const NAME: &'static str = "product";
+    type State = u64;
+    type Command = u8;
+    type Reply = u64;
+    type Error = Down;
+    fn handle(state: &mut u64, refresh: &u8, ctx: &mut keystead::Context<'_>) -> Result<u64, Down> {
+        *state += 1;
+        if *refresh == 1 {
+            ctx.effect(Refresh);
+        }
+        Ok(*state)
+    }
+}
+
+/// The refresh provider, down for the whole run: every attempt fails retryably.
+struct DownProvider;
+
+impl keystead::AsyncExecutor<Refresh> for DownProvider {
+    async fn execute(
+        &self,
+        _: Refresh,
+        _: keystead::EffectContext,
+    ) -> Result<keystead::Feedback<Refresh>, keystead::EffectError> {
+        Err(keystead::EffectError::retryable("provider down"))
+    }
+}
+
+/// 200,000 products each record a low-priority refresh whose provider is down (so the
+/// outbox holds 200,000 effects of 200,000 entities, retried with backoff by at most
+/// `effect_lanes_max` workers), then one sender asks `Critical` on other keys `probes`
+/// times. Measured: the critical asks' latencies; messages = the low tells (secs = how long
+/// until every effect was recorded); peak RSS. Without `refresh`, the same updates record
+/// nothing: the difference in RSS is what the pending effects cost (the 200,000 entity
+/// actors, live until they passivate, are in both).
+async fn effects_backlog(pending: u64, probes: u64, refresh: bool) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let rt = Arc::new(
+        Runtime::builder(dir.path())
+            .effect_retry(
+                RetryPolicy::default()
+                    .attempts_max(1_000_000)
+                    .backoff_initial(Duration::from_millis(200))
+                    .backoff_max(Duration::from_secs(1)),
+            )
+            .register::<Item>()
+            .register::<Product>()
+            .async_executor::<Refresh>(DownProvider)
+            .open()?,
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..SENDERS as u64)
+        .map(|s| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                for k in (s..pending).step_by(SENDERS) {
+                    let e = rt.entity::<Product>(format!("product-{k:011}"));
+                    let told = e.tell(u8::from(refresh)).priority(Priority::Low);
+                    told.await.expect("accepted");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    if refresh {
+        rt.wait_until(|s| s.effect_priority(Priority::Low).pending >= pending)
+            .await;
+    } else {
+        rt.wait_until(|s| s.applied >= pending).await;
+    }
+    let recorded_secs = started.elapsed().as_secs_f64();
+    let stats = rt.stats();
+    eprintln!(
+        "effects backlog: {} low effects pending, {} effect workers",
+        stats.effect_priority(Priority::Low).pending,
+        stats.effect_lanes
+    );
+    let mut latencies = Vec::with_capacity(probes as usize);
+    let mut seed = 0x51_7CC1_B727_220A;
+    for _ in 0..probes {
+        let e = rt.entity::<Item>(key_name(next(&mut seed) % KEYS));
+        let t = Instant::now();
+        drop(e.ask(1).priority(Priority::Critical).await.expect("ask"));
+        latencies.push(micros(t));
+    }
+    let measured = Measured::new(pending, recorded_secs, latencies);
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.close_now();
+    }
+    Ok(measured)
+}
+
 // ---- The naive approach -----------------------------------------------------------------
 
 /// The state as the naive app stores it: the same 200 bytes and counter as `Item`.
@@ -697,6 +802,7 @@ fn child(args: &[String]) -> Result<(), Error> {
         ))?,
         "million" => tokio.block_on(million())?,
         "backlog" => tokio.block_on(backlog(200_000, 2_000))?,
+        "effects-backlog" => tokio.block_on(effects_backlog(200_000, 2_000, param > 0.0))?,
         // Lanes: 8,192 low-priority flooders on random keys, a critical probe; the same
         // with everything in one lane; a hot key flooded by 2,048 callers on one shard,
         // with the default entity share and without one (the whole shard, 1,024).
@@ -832,6 +938,8 @@ fn main() -> Result<(), Error> {
     let hot_shared = run("hot-shared", short, 0.0)?;
     let hot_uncapped = run("hot-uncapped", short, 0.0)?;
     let backlog = run("backlog", 0.0, 0.0)?;
+    let effects_backlog = run("effects-backlog", 0.0, 1.0)?;
+    let no_effects_backlog = run("effects-backlog", 0.0, 0.0)?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -1012,6 +1120,15 @@ fn main() -> Result<(), Error> {
         ms(backlog.p50_us),
         ms(backlog.p99_us),
         backlog.peak_rss_kib / 1024
+    );
+    let _ = writeln!(
+        out,
+        "  200,000 low effects of 200,000 entities pending behind a provider that is down: recorded at {:.0}/s; critical asks meanwhile p50 {} p99 {}; peak RSS {} MiB, {} MiB with the same updates recording no effect [difference < 256]",
+        effects_backlog.rate(),
+        ms(effects_backlog.p50_us),
+        ms(effects_backlog.p99_us),
+        effects_backlog.peak_rss_kib / 1024,
+        no_effects_backlog.peak_rss_kib / 1024
     );
     print!("{out}");
     if let Err(e) = std::fs::write(&svg, plot(&by_keys, &by_load)) {

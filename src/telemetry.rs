@@ -103,6 +103,13 @@ pub struct RuntimeStats {
     /// because their effects found no room, `blocked` messages that waited for room, and
     /// `shed` stays 0.
     pub effect_priorities: [LaneStats; 4],
+    /// Entities' effect workers admitted, per lane: at most
+    /// [`RuntimeBuilder::effect_lanes_max`](crate::RuntimeBuilder::effect_lanes_max) run at
+    /// once, so memory stays flat however many entities have effects pending (the rest wait
+    /// on disk, found in order by the outbox lane index). Read one with
+    /// [`RuntimeStats::effect_activation`]; `pending`, `pending_bytes`, `refused`, `shed`
+    /// and `blocked` stay 0 here.
+    pub effect_activations: [LaneStats; 4],
     /// Times a caller waited because its entity already held its share of the shard
     /// ([`RuntimeBuilder::entity_in_flight_max`](crate::RuntimeBuilder::entity_in_flight_max)).
     pub entity_capped: u64,
@@ -122,6 +129,11 @@ impl RuntimeStats {
     /// The effect workers' counters of one lane.
     pub fn effect_priority(&self, priority: Priority) -> &LaneStats {
         &self.effect_priorities[priority.index()]
+    }
+
+    /// The counters of entities' effect workers admitted in one lane.
+    pub fn effect_activation(&self, priority: Priority) -> &LaneStats {
+        &self.effect_activations[priority.index()]
     }
 }
 
@@ -222,6 +234,7 @@ pub(crate) struct Stats {
     pub feeds_behind: AtomicU64,
     pub lanes: [LaneCounters; 4],
     pub effect_priorities: [LaneCounters; 4],
+    pub effect_activations: [LaneCounters; 4],
     pub entity_capped: AtomicU64,
     /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)
     /// and [`Runtime::wait_until`](crate::Runtime::wait_until).
@@ -276,6 +289,7 @@ impl Stats {
             flushes: 0,
             lanes: std::array::from_fn(|i| self.lanes[i].snapshot()),
             effect_priorities: std::array::from_fn(|i| self.effect_priorities[i].snapshot()),
+            effect_activations: std::array::from_fn(|i| self.effect_activations[i].snapshot()),
             entity_capped: get(&self.entity_capped),
         }
     }

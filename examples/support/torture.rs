@@ -52,6 +52,8 @@ pub const LOW_PENDING_MAX: u64 = 4;
 /// The effects the low lane of the outbox may hold: small, so that low messages meet it
 /// full (a low tell then waits in the inbox, a low ask is refused, not acknowledged).
 pub const LOW_OUTBOX_MAX: u64 = 2;
+/// The effect workers at once (`effect_lanes_max`).
+pub const EFFECT_WORKERS: usize = 3;
 
 /// The engine and the durability mode a torture runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -273,6 +275,9 @@ pub fn runtime(dir: &Path, mode: Mode) -> Result<Runtime, keystead::OpenError> {
             Priority::Low,
             LaneLimits::new(LOW_OUTBOX_MAX, 1 << 20).when_full(WhenFull::Reject),
         )
+        // Few effect workers, so that most effects wait on disk in the outbox lane index
+        // and the others are left unindexed to a running worker when a kill comes.
+        .effect_lanes_max(EFFECT_WORKERS)
         .register::<LedgerEntity>()
         .executor::<Post>(Provider::open(&dir.join("provider.log")))
         .open()

@@ -212,6 +212,9 @@ pub(crate) struct Stamp {
     pub outbox_seq: u64,
     /// The message's lane: its effects wait in the same one.
     pub lane: Priority,
+    /// Write an outbox lane index entry for each effect: false only when an effect worker
+    /// of the entity is already pinned to read them (see `Effects::claim`).
+    pub index_effects: bool,
 }
 
 /// The writes that make `verdict` durable, and the outcome to report once they are.
@@ -232,6 +235,7 @@ pub(crate) fn writes<E: Entity>(
         now_ms,
         outbox_seq,
         lane,
+        index_effects,
     } = stamp;
     let dedup_key = || keys::dedup(E::NAME, key, &meta.message_id);
     let dedup = |outcome: RecordedOf<E>| -> Result<Op, String> {
@@ -263,6 +267,7 @@ pub(crate) fn writes<E: Entity>(
                 (outbox_seq, lane),
                 effects,
                 now_ms,
+                index_effects,
             )?);
             let record = StateRecord {
                 revision: next.revision,
@@ -384,6 +389,7 @@ mod tests {
         now_ms: 10,
         outbox_seq: 0,
         lane: Priority::Normal,
+        index_effects: true,
     };
 
     fn meta(version: Option<u64>) -> Meta {

@@ -223,7 +223,16 @@ pub(crate) fn effect_lane(space: Space, key: &[u8]) -> Priority {
         .unwrap_or_default()
 }
 
-/// The writes that put a message's effects in the outbox, in the message's lane.
+/// The outbox lane index entry of the outbox entry `outbox_key`, in lane `lane`; `None` for
+/// a malformed key.
+pub(crate) fn outbox_index_of(lane: Priority, outbox_key: &[u8]) -> Option<Vec<u8>> {
+    let parsed = keys::parse(Space::Outbox, outbox_key)?;
+    let (seq, index) = keys::outbox_position(parsed.suffix)?;
+    Some(keys::outbox_index(lane, seq, index))
+}
+
+/// The writes that put a message's effects in the outbox, in the message's lane, each with
+/// its outbox lane index entry when `indexed` (see `Stamp::index_effects`).
 pub(crate) fn outbox_ops(
     entity: &str,
     key: &str,
@@ -231,6 +240,7 @@ pub(crate) fn outbox_ops(
     (seq, lane): (u64, Priority),
     effects: &[Recorded],
     now_ms: u64,
+    indexed: bool,
 ) -> Result<Vec<Op>, String> {
     effects
         .iter()
@@ -250,12 +260,13 @@ pub(crate) fn outbox_ops(
                 independent: e.independent,
                 payload,
             };
-            Ok(Op::Put(
-                outbox_key(Space::Outbox, entity, key, seq, e.index, lane),
-                codec::encode(&record)?,
-            ))
+            let outbox_key = outbox_key(Space::Outbox, entity, key, seq, e.index, lane);
+            let index = indexed
+                .then(|| Op::Put(keys::outbox_index(lane, seq, e.index), outbox_key.clone()));
+            Ok([Some(Op::Put(outbox_key, codec::encode(&record)?)), index])
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()
+        .map(|ops| ops.into_iter().flatten().flatten().collect())
 }
 
 /// The message id of an effect's feedback: derived from the effect key, so feedback from a

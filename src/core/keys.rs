@@ -16,7 +16,8 @@
 //! | `R` raise | none | `RaiseRecord`: the lane `prioritise` raised the entity's effects to |
 //! | `L` dead letters | message id bytes | `DeadLetterRecord` |
 //! | `M` meta | a name | small markers (layout version) |
-//! | `O` outbox | sequence u64 BE ++ index u32 BE | `EffectRecord`, unfinished |
+//! | `O` outbox | sequence u64 BE ++ index u32 BE ++ lane u8 (absent before lanes: `Normal`) | `EffectRecord`, unfinished |
+//! | `P` outbox lane index | none: `P ++ lane u8 ++ sequence u64 BE ++ index u32 BE` | the outbox key |
 //! | `X` effect history | same as the outbox | `EffectRecord`, finished |
 
 use crate::priority::Priority;
@@ -35,6 +36,7 @@ pub(crate) enum Space {
     LaneIndex = b'Q',
     Shed = b'H',
     Raise = b'R',
+    OutboxIndex = b'P',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).
@@ -117,6 +119,31 @@ pub(crate) fn lane_index(shard: usize, lane: Priority, seq: u64) -> Vec<u8> {
     let mut out = lane_index_prefix(shard, lane);
     out.extend_from_slice(&seq.to_be_bytes());
     out
+}
+
+/// The prefix of lane `lane` in the outbox lane index.
+pub(crate) fn outbox_index_prefix(lane: Priority) -> Vec<u8> {
+    vec![Space::OutboxIndex as u8, lane.index() as u8]
+}
+
+/// The outbox lane index entry, in lane `lane`, of effect `index` of the message committed
+/// with outbox sequence `seq`.
+pub(crate) fn outbox_index(lane: Priority, seq: u64, index: u32) -> Vec<u8> {
+    let mut out = outbox_index_prefix(lane);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
+    out
+}
+
+/// The sequence and effect index of an outbox (or history) suffix, with or without its
+/// lane byte.
+pub(crate) fn outbox_position(suffix: &[u8]) -> Option<(u64, u32)> {
+    if suffix.len() != 12 && suffix.len() != 13 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(suffix[..8].try_into().ok()?);
+    let index = u32::from_be_bytes(suffix[8..12].try_into().ok()?);
+    Some((seq, index))
 }
 
 /// The key of an entity's raise record (see `RaiseRecord`).

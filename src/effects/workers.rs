@@ -8,18 +8,22 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Serialize;
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::core::codec;
 use crate::core::effect::effect_lane;
+use crate::core::effect::outbox_index_of;
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
+use crate::core::lanes::LANES;
 use crate::core::records::RaiseRecord;
 use crate::core::records::{InboxRecord, Meta};
 use crate::error::{AdminError, StoreError};
 use crate::priority::{BacklogKind, Priority};
 use crate::retry::RetryPolicy;
-use crate::runtime::admission::{Gate, GateConfig, GateKind};
+use crate::runtime::admission::{Gate, GateConfig, GateKind, Slot};
+use crate::runtime::backlog::LaneFeed;
 use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
 use crate::telemetry::Stats;
@@ -42,8 +46,14 @@ pub(crate) struct Effects {
     /// At most `effects_running_max` attempts at once, admitted in lanes (the lane of the
     /// message that recorded the effect, or higher after `prioritise`).
     gate: Arc<Gate>,
-    /// Active lanes; `true` when more work arrived while the lane was scanning.
-    lanes: Mutex<HashMap<(String, String), bool>>,
+    /// At most `effect_lanes_max` entities' lanes and independent effects at once, each
+    /// holding a slot, admitted in lanes (so memory does not grow with the number of
+    /// entities that have effects pending).
+    lane_gate: Arc<Gate>,
+    /// Per lane, the signals to the effect feeder that reads that lane of the outbox index.
+    feeds: [LaneFeed; LANES],
+    /// Active lanes, by entity.
+    lanes: Mutex<HashMap<(String, String), LaneState>>,
     /// Independent effects being performed, by outbox key.
     independent: Mutex<HashSet<Vec<u8>>>,
 }
@@ -53,6 +63,46 @@ impl fmt::Debug for Effects {
         f.debug_struct("Effects")
             .field("executors", &self.executors.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
+    }
+}
+
+/// One entity's active lane.
+#[derive(Debug, Default)]
+struct LaneState {
+    /// More work arrived while the lane was scanning: it scans again before it ends.
+    more: bool,
+    /// Messages whose effects this lane will read, committing now: it does not end before
+    /// they have (their effects have no outbox lane index entry to be found by).
+    pins: u32,
+    /// Woken when a pin is taken off.
+    unpinned: Arc<Notify>,
+}
+
+/// A message's claim on its entity's effect worker, taken before its commit, so that the
+/// message's effects need no outbox lane index entry: either its running lane, pinned
+/// (it does not end until the claim is dropped, and then scans again), or a free worker
+/// slot, with which a lane starts when the claim is dropped (after the commit).
+pub(crate) struct Pin {
+    effects: Arc<Effects>,
+    id: (String, String),
+    slot: Option<Slot>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let id = std::mem::take(&mut self.id);
+        if let Some(slot) = self.slot.take() {
+            self.effects.start_lane(id, slot);
+            return;
+        }
+        let unpinned = self.effects.lanes.lock().get_mut(&id).map(|state| {
+            state.pins = state.pins.saturating_sub(1);
+            state.more = true;
+            state.unpinned.clone()
+        });
+        if let Some(unpinned) = unpinned {
+            unpinned.notify_one();
+        }
     }
 }
 
@@ -70,6 +120,7 @@ impl Effects {
         retry: RetryPolicy,
         workers: usize,
         running_max: usize,
+        lanes_max: usize,
     ) -> std::io::Result<Arc<Self>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
@@ -86,7 +137,16 @@ impl Effects {
             },
             shared.clone(),
         );
-        Ok(Arc::new(Self {
+        let lane_gate = Gate::new(
+            GateConfig {
+                capacity: lanes_max,
+                entity_max: lanes_max,
+                promote_after: shared.config.lane_promote_after,
+                kind: GateKind::EffectLanes,
+            },
+            shared.clone(),
+        );
+        let effects = Arc::new(Self {
             handle: runtime.handle().clone(),
             runtime: Mutex::new(Some(runtime)),
             executors,
@@ -94,9 +154,15 @@ impl Effects {
             shared,
             retry,
             gate,
+            lane_gate,
+            feeds: Default::default(),
             lanes: Mutex::new(HashMap::new()),
             independent: Mutex::new(HashSet::new()),
-        }))
+        });
+        for lane in Priority::ALL {
+            effects.handle.spawn(effects.clone().feed(lane));
+        }
+        Ok(effects)
     }
 
     /// True when an executor is registered for effect `name` recorded by entity `origin`.
@@ -112,28 +178,85 @@ impl Effects {
         }
     }
 
-    /// Makes sure a lane runs for entity (`entity`, `key`); with `independent`, also starts
-    /// its independent effects at once (they must not wait behind an ordered effect that is
+    /// Makes sure a lane runs for entity (`entity`, `key`), whose message in lane `lane`
+    /// just committed effects with outbox sequence `seq`; with `independent`, also starts its
+    /// independent effects at once (they must not wait behind an ordered effect that is
     /// retrying). Pass `independent` only when there may be some: it costs an outbox scan.
-    pub(crate) fn wake(self: &Arc<Self>, entity: &str, key: &str, independent: bool) {
+    /// Never waits: when `effect_lanes_max` workers already run, the lane's effect feeder is
+    /// told instead, and finds the effects in the outbox lane index once a worker is free.
+    pub(crate) fn wake(
+        self: &Arc<Self>,
+        entity: &'static str,
+        key: &str,
+        lane: Priority,
+        seq: u64,
+        independent: bool,
+    ) {
         if independent {
-            self.start_independent(&keys::entity_prefix(Space::Outbox, entity, key));
+            self.start_independent(entity, key);
         }
         let id = (entity.to_string(), key.to_string());
+        if let Some(state) = self.lanes.lock().get_mut(&id) {
+            state.more = true;
+            return;
+        }
+        match self.lane_gate.try_acquire(entity, key, lane) {
+            Some(slot) => self.start_lane(id, slot),
+            None => self.feeds[lane.index()].accepted(seq, &self.shared.stats),
+        }
+    }
+
+    /// A claim, before its commit, on the effect worker of entity (`entity`, `key`) for the
+    /// ordered effects a message in lane `lane` records: its running lane, pinned, or a new
+    /// lane if a worker is free. `None` when every worker the lane may take is busy: then
+    /// the effects need their outbox lane index entries, and a `wake` after the commit.
+    pub(crate) fn claim(
+        self: &Arc<Self>,
+        entity: &'static str,
+        key: &str,
+        lane: Priority,
+    ) -> Option<Pin> {
+        let id = (entity.to_string(), key.to_string());
+        if let Some(state) = self.lanes.lock().get_mut(&id) {
+            state.pins += 1;
+            return Some(Pin {
+                effects: self.clone(),
+                id,
+                slot: None,
+            });
+        }
+        let slot = self.lane_gate.try_acquire(entity, key, lane)?;
+        Some(Pin {
+            effects: self.clone(),
+            id,
+            slot: Some(slot),
+        })
+    }
+
+    /// Starts the lane of entity `id` with its worker slot, unless one runs already (then
+    /// it is told that more came, and the slot goes back).
+    fn start_lane(self: &Arc<Self>, id: (String, String), slot: Slot) {
+        let unpinned = Arc::new(Notify::new());
         {
             let mut lanes = self.lanes.lock();
-            if let Some(more) = lanes.get_mut(&id) {
-                *more = true;
+            if let Some(state) = lanes.get_mut(&id) {
+                state.more = true;
                 return;
             }
-            lanes.insert(id.clone(), false);
+            let state = LaneState {
+                more: false,
+                pins: 0,
+                unpinned: unpinned.clone(),
+            };
+            lanes.insert(id.clone(), state);
         }
         Stats::bump(&self.shared.stats.effect_lanes);
         let this = self.clone();
-        self.handle.spawn(async move { this.lane(id).await });
+        self.handle
+            .spawn(async move { this.lane(id, slot, unpinned).await });
     }
 
-    async fn lane(self: Arc<Self>, id: (String, String)) {
+    async fn lane(self: Arc<Self>, id: (String, String), slot: Slot, unpinned: Arc<Notify>) {
         let prefix = keys::entity_prefix(Space::Outbox, &id.0, &id.1);
         loop {
             let batch = match self.pending(&prefix, false) {
@@ -152,23 +275,36 @@ impl Effects {
                 }
             }
             if !progressed {
-                let mut lanes = self.lanes.lock();
-                if lanes.get(&id).copied().unwrap_or(false) {
-                    lanes.insert(id.clone(), false);
-                    continue;
+                {
+                    let mut lanes = self.lanes.lock();
+                    match lanes.get_mut(&id) {
+                        Some(state) if state.more => {
+                            state.more = false;
+                            continue;
+                        }
+                        Some(state) if state.pins > 0 => {}
+                        _ => {
+                            lanes.remove(&id);
+                            break;
+                        }
+                    }
                 }
-                lanes.remove(&id);
-                break;
+                // A message pinned this lane and is committing effects it will read (an
+                // unpin since the check above left a permit: `notify_one`).
+                unpinned.notified().await;
             }
         }
         self.lanes.lock().remove(&id);
+        drop(slot);
         Stats::drop_one(&self.shared.stats.effect_lanes);
         self.shared.stats.notify();
     }
 
-    /// Spawns every unfinished independent effect of one entity that is not running yet.
-    fn start_independent(self: &Arc<Self>, prefix: &[u8]) {
-        let batch = match self.pending(prefix, true) {
+    /// Starts every unfinished independent effect of one entity that is not running yet and
+    /// finds a worker slot at once; the others are left to their lane's effect feeder.
+    fn start_independent(self: &Arc<Self>, entity: &'static str, key: &str) {
+        let prefix = keys::entity_prefix(Space::Outbox, entity, key);
+        let batch = match self.pending(&prefix, true) {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::warn!(target: "keystead", error = %e, "cannot read the outbox");
@@ -176,18 +312,136 @@ impl Effects {
             }
         };
         for (outbox_key, record) in batch {
-            if !self.independent.lock().insert(outbox_key.clone()) {
-                continue;
-            }
-            let this = self.clone();
-            Stats::bump(&self.shared.stats.effect_lanes);
-            self.handle.spawn(async move {
-                let _ = this.clone().perform(&outbox_key, record).await;
-                this.independent.lock().remove(&outbox_key);
-                Stats::drop_one(&this.shared.stats.effect_lanes);
-                this.shared.stats.notify();
-            });
+            let lane = effect_lane(Space::Outbox, &outbox_key);
+            let Some(slot) = self.lane_gate.try_acquire(entity, key, lane) else {
+                let seq = keys::parse(Space::Outbox, &outbox_key)
+                    .and_then(|p| keys::outbox_position(p.suffix))
+                    .map_or(0, |(seq, _)| seq);
+                self.feeds[lane.index()].accepted(seq, &self.shared.stats);
+                return;
+            };
+            self.start_one_independent(outbox_key, record, slot);
         }
+    }
+
+    /// Runs one independent effect with its worker slot, unless it runs already.
+    fn start_one_independent(
+        self: &Arc<Self>,
+        outbox_key: Vec<u8>,
+        record: EffectRecord,
+        slot: Slot,
+    ) {
+        if !self.independent.lock().insert(outbox_key.clone()) {
+            return;
+        }
+        let this = self.clone();
+        Stats::bump(&self.shared.stats.effect_lanes);
+        self.handle.spawn(async move {
+            let _ = this.clone().perform(&outbox_key, record).await;
+            this.independent.lock().remove(&outbox_key);
+            drop(slot);
+            Stats::drop_one(&this.shared.stats.effect_lanes);
+            this.shared.stats.notify();
+        });
+    }
+
+    /// The effect feeder of lane `lane`: reads that lane of the outbox lane index in order
+    /// and gives each entity found (or independent effect) a worker once one is free in the
+    /// lane, so however many entities have effects pending, at most `effect_lanes_max`
+    /// workers exist and the rest wait on disk. At open it reads its whole lane once: that
+    /// is how the outbox left by a crash is resumed.
+    async fn feed(self: Arc<Self>, lane: Priority) {
+        let prefix = keys::outbox_index_prefix(lane);
+        let feed = &self.feeds[lane.index()];
+        let mut next = prefix.clone();
+        loop {
+            let pass = feed.begin();
+            if let Some(seq) = pass.rewind {
+                let rewind = keys::outbox_index(lane, seq, 0);
+                if rewind < next {
+                    next = rewind;
+                }
+            }
+            let batch: Result<Vec<_>, StoreError> = self
+                .store
+                .scan_from(&prefix, &next)
+                .and_then(|scan| scan.take(SCAN_MAX).collect());
+            let batch = batch.unwrap_or_else(|e| {
+                tracing::warn!(target: "keystead", lane = %lane, error = %e,
+                    "cannot read the outbox lane index; its effects wait for the next signal or open");
+                Vec::new()
+            });
+            let found = !batch.is_empty();
+            for (index_key, outbox_key) in batch {
+                next = index_key;
+                next.push(0);
+                if !self.activate(lane, &outbox_key).await {
+                    return;
+                }
+            }
+            if !found {
+                feed.caught_up(pass.generation, &self.shared.stats);
+                feed.changed().await;
+            }
+        }
+    }
+
+    /// Gives the effect under `outbox_key` a worker in lane `lane`: its entity's lane, or
+    /// its own if it is independent; nothing when one runs already (the running lane reads
+    /// its entity's whole outbox before it ends). False once the workers are closing.
+    async fn activate(self: &Arc<Self>, lane: Priority, outbox_key: &[u8]) -> bool {
+        let Some(parsed) = keys::parse(Space::Outbox, outbox_key) else {
+            return true;
+        };
+        let Some(origin) = self.origin(parsed.entity) else {
+            tracing::error!(target: "keystead", entity = %parsed.entity,
+                "effects of an entity type with no registered executor wait in the outbox; register them with RuntimeBuilder::executor");
+            return true;
+        };
+        let record = match self.store.get(outbox_key) {
+            Ok(Some(bytes)) => match codec::decode::<EffectRecord>("effect record", &bytes) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(target: "keystead", error = %e, "undecodable outbox entry skipped; it stays in the outbox");
+                    return true;
+                }
+            },
+            // Finished since it was read (or an entry `prioritise` moved meanwhile).
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::warn!(target: "keystead", error = %e, "cannot read the outbox");
+                return true;
+            }
+        };
+        if record.independent {
+            if self.independent.lock().contains(outbox_key) {
+                return true;
+            }
+            let Some(slot) = self.lane_gate.acquire(origin, parsed.key, lane).await else {
+                return false;
+            };
+            self.start_one_independent(outbox_key.to_vec(), record, slot);
+        } else {
+            let id = (parsed.entity.to_string(), parsed.key.to_string());
+            if let Some(state) = self.lanes.lock().get_mut(&id) {
+                state.more = true;
+                return true;
+            }
+            let Some(slot) = self.lane_gate.acquire(origin, parsed.key, lane).await else {
+                return false;
+            };
+            self.start_lane(id, slot);
+        }
+        true
+    }
+
+    /// The registered name of entity type `name`, if an executor of its effects is
+    /// registered.
+    fn origin(&self, name: &str) -> Option<&'static str> {
+        self.executors
+            .values()
+            .map(|r| r.origin)
+            .find(|&origin| origin == name)
     }
 
     /// The first unfinished outbox entries of one entity of one kind (ordered or
@@ -272,7 +526,7 @@ impl Effects {
                 Ok(feedback) => {
                     self.transition(&mut record, EffectStatus::Done, None);
                     span.record("status", "done");
-                    let mut ops = self.finish_ops(outbox_key, &record)?;
+                    let mut ops = self.finish_ops(outbox_key, &record, lane)?;
                     let feedback = match feedback {
                         Some(command) => {
                             let seq = self.shared.next_seq();
@@ -307,7 +561,8 @@ impl Effects {
                 Err(EffectError::Permanent(reason)) => {
                     self.transition(&mut record, EffectStatus::Failed, Some(reason.clone()));
                     span.record("status", "failed");
-                    self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    self.commit(self.finish_ops(outbox_key, &record, lane)?)
+                        .await?;
                     self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_failed);
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect failed permanently");
@@ -322,7 +577,8 @@ impl Effects {
                         Some(reason.clone()),
                     );
                     span.record("status", "dead_lettered");
-                    self.commit(self.finish_ops(outbox_key, &record)?).await?;
+                    self.commit(self.finish_ops(outbox_key, &record, lane)?)
+                        .await?;
                     self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_dead_lettered);
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect dead-lettered");
@@ -371,10 +627,16 @@ impl Effects {
         }
     }
 
-    /// Moves the entity's effects waiting for an attempt below `lane` up to `lane` (their
-    /// stored raise is written by the entity's `prioritise`).
-    pub(crate) fn raise(&self, entity: &'static str, key: &str, lane: Priority) {
+    /// Moves the entity's effects waiting below `lane` up to `lane`: attempts waiting for a
+    /// slot, a feeder waiting to give the entity a worker, and (their index entries moved,
+    /// from sequence `from_seq` on) the effects not yet found (their stored raise and index
+    /// entries are written by the entity's `prioritise`).
+    pub(crate) fn raise(&self, entity: &'static str, key: &str, lane: Priority, from_seq: u64) {
         self.gate.raise(entity, key, lane);
+        self.lane_gate.raise(entity, key, lane);
+        if from_seq != u64::MAX {
+            self.feeds[lane.index()].accepted(from_seq, &self.shared.stats);
+        }
     }
 
     fn transition(&self, record: &mut EffectRecord, next: EffectStatus, error: Option<String>) {
@@ -401,14 +663,35 @@ impl Effects {
             .release_n(lane, 1, record.payload.len() as u64);
     }
 
-    /// Moves a finished effect from the outbox to the history.
-    fn finish_ops(&self, outbox_key: &[u8], record: &EffectRecord) -> Result<Vec<Op>, ()> {
+    /// Moves a finished effect from the outbox to the history, and removes its outbox lane
+    /// index entry (in its own lane, and in `raised`, the lane its last attempt waited in,
+    /// where `prioritise` moved it). An index entry a `prioritise` moved during that last
+    /// attempt stays behind, pointing at nothing: the effect feeder skips it, and the next
+    /// open, finding more index entries than effects, rebuilds the index.
+    fn finish_ops(
+        &self,
+        outbox_key: &[u8],
+        record: &EffectRecord,
+        raised: Priority,
+    ) -> Result<Vec<Op>, ()> {
         let mut history_key = outbox_key.to_vec();
         history_key[0] = Space::EffectHistory as u8;
-        Ok(vec![
+        let own = effect_lane(Space::Outbox, outbox_key);
+        let mut ops = vec![
             Op::Delete(outbox_key.to_vec()),
             Op::Put(history_key, encode(record)?),
-        ])
+        ];
+        let lanes = if raised == own {
+            vec![own]
+        } else {
+            vec![own, raised]
+        };
+        for lane in lanes {
+            if let Some(index_key) = outbox_index_of(lane, outbox_key) {
+                ops.push(Op::Delete(index_key));
+            }
+        }
+        Ok(ops)
     }
 
     /// The inbox entry (and its lane index entry) that delivers an executor's feedback to
@@ -499,15 +782,24 @@ impl Effects {
                 return Err(e.into());
             }
         };
-        let moved = self
-            .store
-            .commit(vec![Op::Delete(history_key), Op::Put(outbox_key, encoded)])
-            .await;
-        if let Err(e) = moved {
+        let mut ops = vec![
+            Op::Delete(history_key),
+            Op::Put(outbox_key.clone(), encoded),
+        ];
+        if let Some(index_key) = outbox_index_of(lane, &outbox_key) {
+            ops.push(Op::Put(index_key, outbox_key.clone()));
+        }
+        if let Err(e) = self.store.commit(ops).await {
             self.shared.outbox.release_n(lane, 1, bytes);
             return Err(e.into());
         }
-        self.wake(&key.entity, &key.key, record.independent);
+        let seq = keys::parse(Space::Outbox, &outbox_key)
+            .and_then(|p| keys::outbox_position(p.suffix))
+            .map_or(0, |(seq, _)| seq);
+        match self.origin(&key.entity) {
+            Some(origin) => self.wake(origin, &key.key, lane, seq, record.independent),
+            None => self.feeds[lane.index()].accepted(seq, &self.shared.stats),
+        }
         Ok(true)
     }
 }

@@ -633,6 +633,15 @@ impl<E: Entity> EntityActor<E> {
                     )),
                     _ => None,
                 };
+                let room = match self.outbox_room(&mut work, effects_need) {
+                    Ok(room) => room,
+                    Err((need, full)) => return self.wait_for_outbox(work, need, full, ctx),
+                };
+                // Ordered effects read by a worker already claimed for them need no outbox
+                // lane index entry (independent ones always get one).
+                let pin = (has_effects && !has_independent)
+                    .then(|| self.effects.claim(E::NAME, &self.key, work.priority))
+                    .flatten();
                 let outbox_seq = if has_effects {
                     self.shared.next_seq()
                 } else {
@@ -649,6 +658,7 @@ impl<E: Entity> EntityActor<E> {
                         now_ms: now,
                         outbox_seq,
                         lane: work.priority,
+                        index_effects: pin.is_none(),
                     },
                 );
                 let (ops, outcome) = match planned {
@@ -679,10 +689,6 @@ impl<E: Entity> EntityActor<E> {
                         }
                     });
                 }
-                let room = match self.outbox_room(&mut work, effects_need) {
-                    Ok(room) => room,
-                    Err((need, full)) => return self.wait_for_outbox(work, need, full, ctx),
-                };
                 self.busy = true;
                 let commit = self.store.commit_with_seq(ops, outbox_seq);
                 ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
@@ -692,9 +698,18 @@ impl<E: Entity> EntityActor<E> {
                             if let Some(room) = room {
                                 room.keep();
                             }
-                            if has_effects {
-                                act.effects.wake(E::NAME, &act.key, has_independent);
+                            if has_effects && pin.is_none() {
+                                let lane = work.priority;
+                                act.effects.wake(
+                                    E::NAME,
+                                    &act.key,
+                                    lane,
+                                    outbox_seq,
+                                    has_independent,
+                                );
                             }
+                            // The claimed worker reads the effects now.
+                            drop(pin);
                             act.complete(work, next, outcome)
                         }
                         Err(e) => {
@@ -1101,15 +1116,26 @@ impl<E: Entity> EntityActor<E> {
             ops.push(Op::Put(moved, value));
         }
         // Its unfinished effects: raised through a record the effect workers read, not by
-        // moving keys a worker may be using.
+        // moving keys a worker may be using; their outbox lane index entries move up, so the
+        // effect feeder of the higher lane finds them.
         let outbox = keys::entity_prefix(Space::Outbox, E::NAME, &self.key);
         let mut effects_raised = 0u64;
+        let mut raised_from_seq = u64::MAX;
         match self.store.scan_prefix(&outbox) {
             Ok(scan) => {
                 for entry in scan {
                     match entry {
                         Ok((key, _)) if effect_lane(Space::Outbox, &key) < lane => {
                             effects_raised += 1;
+                            let position = keys::parse(Space::Outbox, &key)
+                                .and_then(|p| keys::outbox_position(p.suffix));
+                            if let Some((seq, index)) = position {
+                                raised_from_seq = raised_from_seq.min(seq);
+                                for other in Priority::ALL.into_iter().filter(|&l| l != lane) {
+                                    ops.push(Op::Delete(keys::outbox_index(other, seq, index)));
+                                }
+                                ops.push(Op::Put(keys::outbox_index(lane, seq, index), key));
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -1156,7 +1182,7 @@ impl<E: Entity> EntityActor<E> {
                         act.shared.accepted_on(act.shard_index, lane, seq);
                     }
                     if effects_raised > 0 {
-                        act.effects.raise(E::NAME, &act.key, lane);
+                        act.effects.raise(E::NAME, &act.key, lane, raised_from_seq);
                     }
                     let _ = reply.send(Ok(moves.len() as u64 + effects_raised));
                 }

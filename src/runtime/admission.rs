@@ -45,11 +45,13 @@ pub(crate) struct GateConfig {
     pub kind: GateKind,
 }
 
-/// What a gate admits: messages to a shard, or effect attempts to the effect workers.
+/// What a gate admits: messages to a shard, effect attempts to the effect workers, or
+/// entities' effect workers (each entity with unfinished effects runs one while active).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GateKind {
     Shard,
     Effects,
+    EffectLanes,
 }
 
 impl GateConfig {
@@ -149,6 +151,7 @@ impl Gate {
         match self.config.kind {
             GateKind::Shard => &self.shared.stats.lanes[lane],
             GateKind::Effects => &self.shared.stats.effect_priorities[lane],
+            GateKind::EffectLanes => &self.shared.stats.effect_activations[lane],
         }
     }
 
@@ -201,6 +204,20 @@ impl Gate {
         }
     }
 
+    /// Takes a free slot at once if one is free for `priority` and nobody is queued ahead,
+    /// without queueing otherwise (so a caller that will not wait leaves nothing behind).
+    pub(crate) fn try_acquire(
+        self: &Arc<Self>,
+        entity: &'static str,
+        key: &str,
+        priority: Priority,
+    ) -> Option<Slot> {
+        match self.admit(entity, key, priority, false) {
+            Entry::Granted(slot) => Some(slot),
+            Entry::Wait(_) | Entry::Closed => None,
+        }
+    }
+
     /// Takes a free slot at once, or joins the entity's callers in its lane and returns
     /// where the slot will arrive.
     pub(crate) fn enter(
@@ -208,6 +225,16 @@ impl Gate {
         entity: &'static str,
         key: &str,
         priority: Priority,
+    ) -> Entry {
+        self.admit(entity, key, priority, true)
+    }
+
+    fn admit(
+        self: &Arc<Self>,
+        entity: &'static str,
+        key: &str,
+        priority: Priority,
+        queue: bool,
     ) -> Entry {
         let lane = priority.index();
         let id = (entity, key.to_string());
@@ -234,6 +261,13 @@ impl Gate {
                     self.dispatch();
                 }
                 return Entry::Granted(slot);
+            }
+            if !queue {
+                if callers.is_empty() {
+                    state.entities.remove(&id);
+                }
+                let (_, rx) = oneshot::channel();
+                return Entry::Wait(rx);
             }
             let (tx, rx) = oneshot::channel();
             callers.waiting[lane].push_back(Waiter {
@@ -267,7 +301,7 @@ impl Gate {
         state.entities.entry(id.clone()).or_default().held += 1;
         state.picker.granted(lane, waiting);
         Stats::bump(&self.lane_stats(lane).in_flight);
-        if self.config.kind == GateKind::Effects {
+        if self.config.kind != GateKind::Shard {
             // An effect attempt starting is news to `wait_until` (a message's admission is
             // followed by its outcome, which notifies anyway).
             self.shared.stats.notify();

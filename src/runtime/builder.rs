@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
 use crate::core::codec;
-use crate::core::effect::{effect_lane, EffectRecord};
+use crate::core::effect::{effect_lane, outbox_index_of, EffectRecord};
 use crate::core::hash::shard_of;
 use crate::core::keys::{self, Space, ENTITY_NAME_LEN_MAX};
 use crate::durability::Durability;
@@ -82,6 +82,7 @@ pub struct RuntimeBuilder {
     effect_retry: RetryPolicy,
     effect_workers: usize,
     effects_running_max: usize,
+    effect_lanes_max: usize,
     entity_in_flight_max: Option<usize>,
     lane_limits: [LaneLimits; 4],
     outbox_limits: [LaneLimits; 4],
@@ -127,6 +128,7 @@ impl RuntimeBuilder {
             effect_retry: RetryPolicy::default(),
             effect_workers: 2,
             effects_running_max: 64,
+            effect_lanes_max: 1024,
             entity_in_flight_max: None,
             lane_limits: [LaneLimits::default(); 4],
             outbox_limits: [LaneLimits::default(); 4],
@@ -286,6 +288,16 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How many entities' effect workers may exist at once (each entity with unfinished
+    /// effects gets one while it is active, and each independent effect one of its own).
+    /// The others wait on disk, found in lane order by the outbox lane index, so memory
+    /// stays flat however many entities have effects pending. Taken in lanes, with the
+    /// same reserves as admission (`Low` may not take the last quarter). Default: 1024.
+    pub fn effect_lanes_max(mut self, workers: usize) -> Self {
+        self.effect_lanes_max = workers;
+        self
+    }
+
     /// How many admissions may pass over a waiting lane before its oldest caller is admitted
     /// anyway (promoted), so no lane starves under a flood of higher ones. A lane that keeps
     /// callers waiting is admitted within `admissions + 3` admissions. Default: 16.
@@ -354,6 +366,9 @@ impl RuntimeBuilder {
                     "must be between 1 and in_flight_max (one entity's share of its shard)",
                 );
             }
+        }
+        if self.effect_lanes_max == 0 || self.effect_lanes_max > 1 << 20 {
+            return invalid("effect_lanes_max", "must be between 1 and 1048576");
         }
         if self.outbox_limits.iter().any(|l| l.pending_max() == 0) {
             return invalid(
@@ -475,16 +490,15 @@ impl RuntimeBuilder {
             feeds: (0..self.shards).map(|_| Default::default()).collect(),
             inbox_generations: (0..self.shards).map(|_| AtomicU64::new(0)).collect(),
         });
-        // Every lane feeder starts behind: each reads its whole lane once (recovery).
+        // Every lane feeder (one per shard and lane, and the effect feeders, one per lane)
+        // starts behind: each reads its whole lane once (recovery).
         shared.stats.feeds_behind.store(
-            (self.shards * Priority::ALL.len()) as u64,
+            ((self.shards + 1) * Priority::ALL.len()) as u64,
             Ordering::Release,
         );
 
-        let outbox = scan_outbox(&store, &shared.outbox).map_err(|source| OpenError::Store {
-            path: self.path.clone(),
-            source,
-        })?;
+        let (effects_pending, outbox_indexed) =
+            scan_outbox(&store, &shared.outbox).map_err(store_error)?;
         let effects = Effects::start(
             std::mem::take(&mut self.executors),
             store.clone(),
@@ -492,6 +506,7 @@ impl RuntimeBuilder {
             self.effect_retry,
             self.effect_workers,
             self.effects_running_max,
+            self.effect_lanes_max,
         )
         .map_err(|e| OpenError::Threads(e.to_string()))?;
         let gate = GateConfig {
@@ -541,12 +556,9 @@ impl RuntimeBuilder {
                 ));
             }
         }
-        for (entity, key) in &outbox {
-            effects.wake(entity, key, true);
-        }
         tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
             recovered_messages = scan.entries, lane_index_rebuilt = rebuilt,
-            effect_lanes_resumed = outbox.len(), "runtime open");
+            effects_pending, outbox_index_added = outbox_indexed, "runtime open");
         Ok(Runtime { inner })
     }
 }
@@ -588,84 +600,130 @@ pub(crate) fn scan_inbox(store: &Store, backlog: &Backlog) -> Result<InboxScan, 
 const LANE_INDEX: &str = "lane_index_shards";
 
 /// Makes sure the lane index matches the inbox and `shards`: one index entry per inbox
-/// entry, under the shard its entity hashes to. The index is written and removed in the
-/// same batches as the inbox, so this rebuilds only a database from before lanes, one
-/// opened with another shard count, or one whose inbox was written by other means (the
-/// counts differ). Crash-safe: the marker goes first, the new index after, the marker last.
-/// Returns whether it rebuilt.
+/// entry, under the shard its entity hashes to. Returns whether it rebuilt (see
+/// [`ensure_index`]).
 pub(crate) fn ensure_lane_index(
     store: &Store,
     shards: usize,
     inbox_entries: u64,
 ) -> Result<bool, StoreError> {
-    let marker = keys::meta(LANE_INDEX);
-    let want = (shards as u16).to_be_bytes().to_vec();
-    if store.get(&marker)?.as_deref() == Some(want.as_slice()) {
+    let index = Index {
+        marker: LANE_INDEX,
+        version: (shards as u16).to_be_bytes().to_vec(),
+        space: Space::LaneIndex,
+        source: Space::Inbox,
+        entries: inbox_entries,
+    };
+    ensure_index(store, &index, |key| {
+        let parsed = keys::parse(Space::Inbox, key)?;
+        let seq = keys::inbox_seq(parsed.suffix)?;
+        let lane = keys::inbox_lane(parsed.suffix)?;
+        Some(keys::lane_index(
+            shard_of(parsed.entity, parsed.key, shards),
+            lane,
+            seq,
+        ))
+    })
+}
+
+/// An index keyspace whose entries each hold the key of one entry of its source keyspace.
+struct Index {
+    /// The meta record that says the index is complete, and what it holds for it.
+    marker: &'static str,
+    version: Vec<u8>,
+    space: Space,
+    source: Space,
+    /// The source entries that have an index entry, counted at open.
+    entries: u64,
+}
+
+/// Makes sure `index` matches its source. Its entries are written and removed in the same
+/// batches as the source's, so this rebuilds only a database from before the index, one
+/// whose marker differs (another shard count), or one whose source was written by other
+/// means (the counts differ). Crash-safe: the marker goes first, the new index after, the
+/// marker last. Returns whether it rebuilt.
+fn ensure_index(
+    store: &Store,
+    index: &Index,
+    entry_of: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) -> Result<bool, StoreError> {
+    let marker = keys::meta(index.marker);
+    if store.get(&marker)?.as_deref() == Some(index.version.as_slice()) {
         let mut indexed = 0u64;
-        for entry in store.scan_prefix(&[Space::LaneIndex as u8])? {
+        for entry in store.scan_prefix(&[index.space as u8])? {
             entry?;
             indexed += 1;
         }
-        if indexed == inbox_entries {
+        if indexed == index.entries {
             return Ok(false);
         }
-        tracing::warn!(target: "keystead", indexed, inbox_entries,
-            "the lane index does not match the inbox; rebuilding it");
+        tracing::warn!(target: "keystead", index = index.marker, indexed, entries = index.entries,
+            "an index does not match what it indexes; rebuilding it");
     }
     const CHUNK: usize = 1000;
     store.write_at_open(vec![Op::Delete(marker.clone())])?;
     let mut ops = Vec::with_capacity(CHUNK);
-    for entry in store.scan_prefix(&[Space::LaneIndex as u8])? {
+    for entry in store.scan_prefix(&[index.space as u8])? {
         ops.push(Op::Delete(entry?.0));
         if ops.len() == CHUNK {
             store.write_at_open(std::mem::take(&mut ops))?;
         }
     }
-    for entry in store.scan_prefix(&[Space::Inbox as u8])? {
+    for entry in store.scan_prefix(&[index.source as u8])? {
         let (key, _) = entry?;
-        let Some(parsed) = keys::parse(Space::Inbox, &key) else {
-            continue;
-        };
-        let (Some(seq), Some(lane)) = (
-            keys::inbox_seq(parsed.suffix),
-            keys::inbox_lane(parsed.suffix),
-        ) else {
-            continue;
-        };
-        let shard = shard_of(parsed.entity, parsed.key, shards);
-        ops.push(Op::Put(keys::lane_index(shard, lane, seq), key.clone()));
+        if let Some(index_key) = entry_of(&key) {
+            ops.push(Op::Put(index_key, key));
+        }
         if ops.len() == CHUNK {
             store.write_at_open(std::mem::take(&mut ops))?;
         }
     }
-    ops.push(Op::Put(marker, want));
+    ops.push(Op::Put(marker, index.version.clone()));
     store.write_at_open(ops)?;
     Ok(true)
 }
 
-/// The entities that have unfinished effects, in key order; counts the outbox into
-/// `outbox`, per lane (the lane each effect was recorded in) and in payload bytes.
-pub(crate) fn scan_outbox(
-    store: &Store,
-    outbox: &Backlog,
-) -> Result<Vec<(String, String)>, StoreError> {
-    let mut entities: Vec<(String, String)> = Vec::new();
+/// Counts the outbox into `outbox`, per lane (the lane each effect was recorded in) and in
+/// payload bytes, and makes the outbox lane index cover it: an effect that was to be read by
+/// an effect worker running before a crash (see `Effects::claim`) has no index entry, and
+/// gets one here; an index entry whose effect is gone (one `prioritise` moved while the
+/// effect finished) is removed. Returns how many effects are pending and how many index
+/// entries were added.
+pub(crate) fn scan_outbox(store: &Store, outbox: &Backlog) -> Result<(u64, u64), StoreError> {
+    const CHUNK: usize = 1000;
+    let (mut pending, mut added) = (0, 0);
+    let mut ops = Vec::with_capacity(CHUNK);
     for entry in store.scan_prefix(&[Space::Outbox as u8])? {
         let (key, value) = entry?;
-        let Some(parsed) = keys::parse(Space::Outbox, &key) else {
-            continue;
-        };
+        pending += 1;
         let bytes = codec::decode::<EffectRecord>("effect record", &value)
             .map_or(0, |record| record.payload.len() as u64);
-        outbox.force_n(effect_lane(Space::Outbox, &key), 1, bytes);
-        let is_new = entities
-            .last()
-            .is_none_or(|(e, k)| e != parsed.entity || k != parsed.key);
-        if is_new {
-            entities.push((parsed.entity.to_string(), parsed.key.to_string()));
+        let lane = effect_lane(Space::Outbox, &key);
+        outbox.force_n(lane, 1, bytes);
+        let Some(index_key) = outbox_index_of(lane, &key) else {
+            continue;
+        };
+        if store.get(&index_key)?.is_none() {
+            ops.push(Op::Put(index_key, key));
+            added += 1;
+            if ops.len() == CHUNK {
+                store.write_at_open(std::mem::take(&mut ops))?;
+            }
         }
     }
-    Ok(entities)
+    for entry in store.scan_prefix(&[Space::OutboxIndex as u8])? {
+        let (index_key, outbox_key) = entry?;
+        if store.get(&outbox_key)?.is_none() {
+            ops.push(Op::Delete(index_key));
+            if ops.len() == CHUNK {
+                store.write_at_open(std::mem::take(&mut ops))?;
+            }
+        }
+    }
+    if !ops.is_empty() {
+        store.write_at_open(ops)?;
+    }
+    Ok((pending, added))
 }
 
 pub(crate) type Started = (

@@ -250,6 +250,8 @@ pub trait RawStore {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
     /// How many records start with `prefix`.
     fn count_prefix(&self, prefix: &[u8]) -> usize;
+    /// Removes every record that starts with `prefix`; returns how many there were.
+    fn remove_prefix(&self, prefix: &[u8]) -> usize;
 }
 
 impl RawStore for sled::Db {
@@ -264,6 +266,17 @@ impl RawStore for sled::Db {
     }
     fn count_prefix(&self, prefix: &[u8]) -> usize {
         self.scan_prefix(prefix).count()
+    }
+    fn remove_prefix(&self, prefix: &[u8]) -> usize {
+        let keys: Vec<_> = self
+            .scan_prefix(prefix)
+            .keys()
+            .map(Result::unwrap)
+            .collect();
+        for key in &keys {
+            sled::Tree::remove(self, key).unwrap();
+        }
+        keys.len()
     }
 }
 
@@ -283,6 +296,17 @@ impl RawStore for RawFjall {
     }
     fn count_prefix(&self, prefix: &[u8]) -> usize {
         self.1.prefix(prefix).count()
+    }
+    fn remove_prefix(&self, prefix: &[u8]) -> usize {
+        let keys: Vec<Vec<u8>> = self
+            .1
+            .prefix(prefix)
+            .map(|guard| guard.key().unwrap().to_vec())
+            .collect();
+        for key in &keys {
+            self.1.remove(key.as_slice()).unwrap();
+        }
+        keys.len()
     }
 }
 
