@@ -381,20 +381,7 @@ async fn backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
             .open()?,
     );
     let started = Instant::now();
-    let tasks: Vec<_> = (0..SENDERS as u64)
-        .map(|s| {
-            let rt = rt.clone();
-            tokio::spawn(async move {
-                for k in (s..pending).step_by(SENDERS) {
-                    let e = rt.entity::<Enrich>(format!("product-{k:011}"));
-                    e.tell(1).priority(Priority::Low).await.expect("accepted");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await?;
-    }
+    tell_low::<Enrich>(&rt, pending, 1).await?;
     let accept_secs = started.elapsed().as_secs_f64();
     let stats = rt.stats();
     eprintln!(
@@ -402,6 +389,43 @@ async fn backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
         stats.lane(Priority::Low).pending,
         stats.lane(Priority::Low).in_flight
     );
+    let latencies = critical_probes(&rt, probes).await;
+    let measured = Measured::new(pending, accept_secs, latencies);
+    // The backlog stays on disk: the directory is removed with it.
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.close_now();
+    }
+    Ok(measured)
+}
+
+/// `SENDERS` senders `tell` command `command`, in `Low`, to `pending` entities of type `E`.
+async fn tell_low<E: Entity<Command = u8>>(
+    rt: &Arc<Runtime>,
+    pending: u64,
+    command: u8,
+) -> Result<(), Error> {
+    let tasks: Vec<_> = (0..SENDERS as u64)
+        .map(|s| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                for k in (s..pending).step_by(SENDERS) {
+                    let e = rt.entity::<E>(format!("product-{k:011}"));
+                    e.tell(command)
+                        .priority(Priority::Low)
+                        .await
+                        .expect("accepted");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}
+
+/// One sender asks `Critical` on random keys `probes` times: the latencies.
+async fn critical_probes(rt: &Runtime, probes: u64) -> Vec<u32> {
     let mut latencies = Vec::with_capacity(probes as usize);
     let mut seed = 0x51_7CC1_B727_220A;
     for _ in 0..probes {
@@ -410,12 +434,7 @@ async fn backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
         drop(e.ask(1).priority(Priority::Critical).await.expect("ask"));
         latencies.push(micros(t));
     }
-    let measured = Measured::new(pending, accept_secs, latencies);
-    // The backlog stays on disk: the directory is removed with it.
-    if let Ok(rt) = Arc::try_unwrap(rt) {
-        rt.close_now();
-    }
-    Ok(measured)
+    latencies
 }
 
 /// A product whose every update records a refresh through a provider that is down.
@@ -480,21 +499,7 @@ async fn effects_backlog(pending: u64, probes: u64, refresh: bool) -> Result<Mea
             .open()?,
     );
     let started = Instant::now();
-    let tasks: Vec<_> = (0..SENDERS as u64)
-        .map(|s| {
-            let rt = rt.clone();
-            tokio::spawn(async move {
-                for k in (s..pending).step_by(SENDERS) {
-                    let e = rt.entity::<Product>(format!("product-{k:011}"));
-                    let told = e.tell(u8::from(refresh)).priority(Priority::Low);
-                    told.await.expect("accepted");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await?;
-    }
+    tell_low::<Product>(&rt, pending, u8::from(refresh)).await?;
     if refresh {
         rt.wait_until(|s| s.effect_priority(Priority::Low).pending >= pending)
             .await;
@@ -508,14 +513,7 @@ async fn effects_backlog(pending: u64, probes: u64, refresh: bool) -> Result<Mea
         stats.effect_priority(Priority::Low).pending,
         stats.effect_lanes
     );
-    let mut latencies = Vec::with_capacity(probes as usize);
-    let mut seed = 0x51_7CC1_B727_220A;
-    for _ in 0..probes {
-        let e = rt.entity::<Item>(key_name(next(&mut seed) % KEYS));
-        let t = Instant::now();
-        drop(e.ask(1).priority(Priority::Critical).await.expect("ask"));
-        latencies.push(micros(t));
-    }
+    let latencies = critical_probes(&rt, probes).await;
     let measured = Measured::new(pending, recorded_secs, latencies);
     if let Ok(rt) = Arc::try_unwrap(rt) {
         rt.close_now();

@@ -109,9 +109,9 @@ async fn within<F: std::future::IntoFuture>(f: F) -> F::Output {
         .expect("the runtime got there, no hang")
 }
 
-/// The first effect takes the only worker slot and blocks; then ten low messages record
-/// ten more effects, which queue for the slot.
-async fn queue_low_effects(rt: &Runtime) {
+/// "first" records a low effect, which takes the only attempt slot and blocks; then ten
+/// low messages record ten more effects.
+async fn record_low_effects(rt: &Runtime) {
     rt.entity::<Product>("first")
         .ask(())
         .priority(Priority::Low)
@@ -125,6 +125,12 @@ async fn queue_low_effects(rt: &Runtime) {
             .await
             .unwrap();
     }
+}
+
+/// The first effect takes the only worker slot and blocks; then ten low messages record
+/// ten more effects, which queue for the slot.
+async fn queue_low_effects(rt: &Runtime) {
+    record_low_effects(rt).await;
     within(rt.wait_until(|s| s.effect_priority(Priority::Low).waiting == 10)).await;
 }
 
@@ -497,25 +503,29 @@ fn four_workers(b: RuntimeBuilder) -> RuntimeBuilder {
 /// two low effects wait for the attempt slot and eight wait on disk, the low effect feeder
 /// waiting for a worker.
 async fn queue_low_effects_on_disk(rt: &Runtime) {
-    rt.entity::<Product>("first")
-        .ask(())
-        .priority(Priority::Low)
-        .await
-        .unwrap();
-    within(rt.wait_until(|s| s.effect_priority(Priority::Low).in_flight == 1)).await;
-    for i in 0..10 {
-        rt.entity::<Product>(format!("low-{i}"))
-            .ask(())
-            .priority(Priority::Low)
-            .await
-            .unwrap();
-    }
+    record_low_effects(rt).await;
     within(rt.wait_until(|s| {
         s.effect_priority(Priority::Low).waiting == 2
             && s.effect_activation(Priority::Low).waiting == 1
     }))
     .await;
     assert_eq!(rt.stats().effect_lanes, 3);
+}
+
+/// Once a critical effect waits for the attempt slot, hands out `n` tokens one at a time
+/// and returns the order the executor was entered in (every effect once).
+async fn release_after_critical(
+    rt: &Runtime,
+    tokens: &Sender<()>,
+    entered: &Mutex<Vec<String>>,
+    n: u64,
+) -> Vec<String> {
+    within(rt.wait_until(|s| s.effect_priority(Priority::Critical).waiting == 1)).await;
+    release_one_by_one(rt, tokens, n).await;
+    within(rt.idle()).await;
+    let order = entered.lock().unwrap().clone();
+    assert_eq!(order.len() as u64, n, "{order:?}");
+    order
 }
 
 /// Hands out `n` tokens one at a time; after each, no more than four workers exist.
@@ -572,11 +582,7 @@ async fn a_critical_effect_gets_a_worker_when_low_ones_hold_all_they_may() {
             .priority(Priority::Critical)
             .await
             .unwrap();
-        within(rt.wait_until(|s| s.effect_priority(Priority::Critical).waiting == 1)).await;
-        release_one_by_one(&rt, &tokens, 12).await;
-        within(rt.idle()).await;
-        let order = entered.lock().unwrap().clone();
-        assert_eq!(order.len(), 12, "round {round}: {order:?}");
+        let order = release_after_critical(&rt, &tokens, &entered, 12).await;
         assert_eq!(
             order[1], "urgent",
             "round {round}: the critical effect went next: {order:?}"
@@ -600,11 +606,7 @@ async fn prioritise_moves_effects_that_wait_on_disk_ahead() {
             .unwrap(),
         1
     );
-    within(rt.wait_until(|s| s.effect_priority(Priority::Critical).waiting == 1)).await;
-    release_one_by_one(&rt, &tokens, 11).await;
-    within(rt.idle()).await;
-    let order = entered.lock().unwrap().clone();
-    assert_eq!(order.len(), 11, "{order:?}");
+    let order = release_after_critical(&rt, &tokens, &entered, 11).await;
     assert_eq!(
         order[1], "low-8",
         "raised ahead of the low backlog: {order:?}"
