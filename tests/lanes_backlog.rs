@@ -556,3 +556,54 @@ async fn pending_work_survives_a_reopen_with_another_shard_count() {
     }
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_handed_straight_to_their_entity_are_found_after_a_crash() {
+    // A tell to an idle entity with a free slot is written without a lane index entry and
+    // handed to the entity at once. If the process dies before it is processed, the next
+    // open must index it, or it would wait in the inbox until some later message came.
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            runtime_builder(dir.path())
+                .shards(2)
+                .retry(patient())
+                .register::<Log>()
+                .open()
+                .unwrap()
+        };
+        let rt = open();
+        let keys: Vec<String> = (0..8).map(|i| format!("direct-{round}-{i}")).collect();
+        for key in &keys {
+            hold(key);
+            rt.entity::<Log>(key.clone())
+                .tell("x".to_string())
+                .await
+                .unwrap();
+        }
+        within(rt.wait_until(|s| s.retries >= 8)).await;
+        rt.close_now();
+        with_raw_store(dir.path(), |raw| {
+            assert_eq!(raw.count_prefix(b"I"), 8, "round {round}: all in the inbox");
+            assert_eq!(raw.count_prefix(b"Q"), 0, "round {round}: none indexed");
+        });
+        for key in &keys {
+            release(key);
+        }
+        let rt = open();
+        within(rt.idle()).await;
+        for key in &keys {
+            let s = rt.entity::<Log>(key.clone()).snapshot().await.unwrap();
+            assert_eq!(s.state, ["x"], "round {round}: {key} applied once");
+        }
+        assert_eq!(rt.inbox_len().await.unwrap(), 0);
+        rt.shutdown().await;
+        with_raw_store(dir.path(), |raw| {
+            assert_eq!(
+                raw.count_prefix(b"Q"),
+                0,
+                "no index entry outlives its message"
+            );
+        });
+    }
+}

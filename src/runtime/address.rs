@@ -732,22 +732,32 @@ impl<E: Entity> IntoFuture for Tell<E> {
                 backlog.release(priority, size);
                 return Err(closed());
             };
+            // When its entity is idle and a slot is free in its lane, the message goes to
+            // the entity straight after its commit, with no lane index entry (a crash before
+            // it is processed leaves it unindexed: the next open indexes it).
+            let direct = inner.claim_direct(E::NAME, &key, priority);
             let seq = inner.shared.next_seq();
             let inbox_key = keys::inbox_in(E::NAME, &key, seq, priority);
-            let ops = vec![
-                Op::Put(inbox_key.clone(), bytes),
-                Op::Put(
-                    inner.shared.lane_index(E::NAME, &key, priority, seq),
-                    inbox_key,
-                ),
-            ];
+            let index = direct.is_none().then(|| {
+                let index_key = inner.shared.lane_index(E::NAME, &key, priority, seq);
+                Op::Put(index_key, inbox_key.clone())
+            });
+            let ops = std::iter::once(Op::Put(inbox_key, bytes))
+                .chain(index)
+                .collect();
             if let Err(source) = inner.store.commit_with_seq(ops, seq).await {
                 backlog.release(priority, size);
                 return Err(storage(source));
             }
             // Durable from here on: the message will be processed even if what follows
             // fails (then at the next open).
-            inner.shared.accepted(E::NAME, &key, priority, seq);
+            match direct {
+                Some(ticket) => {
+                    inner.shared.inbox_written(E::NAME, &key);
+                    inner.send_drain(E::NAME, key.clone(), ticket);
+                }
+                None => inner.shared.accepted(E::NAME, &key, priority, seq),
+            }
             drop(accepting);
             Ok(accepted)
         })

@@ -35,6 +35,10 @@ use crate::telemetry::{LaneCounters, Stats};
 /// Who holds a slot: entity type and key.
 type EntityId = (&'static str, String);
 
+/// Entities being drained on one shard, with the highest lane in which more work came for
+/// each meanwhile (see `runtime/feeder.rs`).
+pub(crate) type Draining = Arc<Mutex<HashMap<EntityId, Option<Priority>>>>;
+
 /// The settings of one gate.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GateConfig {
@@ -493,6 +497,41 @@ impl Drop for Ticket {
         Stats::drop_one(&self.shared.stats.in_flight);
         self.shared.stats.notify();
     }
+}
+
+/// Registers entity `id` as being drained with `slot`, and returns the ticket its drain
+/// holds: when the ticket is released (the drain ended, or it was never sent), the entity
+/// leaves the draining set and is woken again in the highest lane where more came meanwhile.
+/// `None`, giving the slot back, if the entity is being drained already (then, with
+/// `more_in`, that lane is noted as having more for it).
+pub(crate) fn claim_drain(
+    shared: &Arc<Shared>,
+    draining: &Draining,
+    shard: usize,
+    id: (&'static str, String),
+    slot: Slot,
+    more_in: Option<Priority>,
+) -> Option<Ticket> {
+    {
+        let mut map = draining.lock();
+        match map.get_mut(&id) {
+            Some(more) => {
+                *more = (*more).max(more_in);
+                return None;
+            }
+            None => {
+                map.insert(id.clone(), None);
+            }
+        }
+    }
+    let (draining, hook_shared) = (draining.clone(), shared.clone());
+    let on_release = Box::new(move || {
+        let more = draining.lock().remove(&id).flatten();
+        if let Some(lane) = more {
+            hook_shared.feeds[shard][lane.index()].rewake(id, &hook_shared.stats);
+        }
+    });
+    Some(Ticket::new(slot, shared.clone()).on_release(on_release))
 }
 
 #[cfg(test)]

@@ -478,8 +478,7 @@ impl RuntimeBuilder {
             path: self.path.clone(),
             source,
         };
-        let rebuilt =
-            ensure_lane_index(&store, self.shards, scan.indexable).map_err(store_error)?;
+        let indexed = ensure_lane_index(&store, self.shards).map_err(store_error)?;
         let shared = Arc::new(Shared {
             config: self.config.clone(),
             clock: self.clock.clone(),
@@ -523,6 +522,7 @@ impl RuntimeBuilder {
                 addr,
                 gate: Gate::new(gate, shared.clone()),
                 accepting: Arc::new(tokio::sync::Semaphore::new(self.config.in_flight_max)),
+                draining: Default::default(),
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -557,7 +557,7 @@ impl RuntimeBuilder {
             }
         }
         tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
-            recovered_messages = scan.entries, lane_index_rebuilt = rebuilt,
+            recovered_messages = scan.entries, lane_index_written = indexed,
             effects_pending, outbox_index_added = outbox_indexed, "runtime open");
         Ok(Runtime { inner })
     }
@@ -565,8 +565,6 @@ impl RuntimeBuilder {
 
 pub(crate) struct InboxScan {
     entries: u64,
-    /// Entries with a well-formed key (sequence and lane), each of which has an index entry.
-    indexable: u64,
     seq_max: Option<u64>,
 }
 
@@ -574,7 +572,6 @@ pub(crate) struct InboxScan {
 pub(crate) fn scan_inbox(store: &Store, backlog: &Backlog) -> Result<InboxScan, StoreError> {
     let mut scan = InboxScan {
         entries: 0,
-        indexable: 0,
         seq_max: None,
     };
     for entry in store.scan_prefix(&[Space::Inbox as u8])? {
@@ -589,9 +586,6 @@ pub(crate) fn scan_inbox(store: &Store, backlog: &Backlog) -> Result<InboxScan, 
         }
         let lane = keys::inbox_lane(parsed.suffix).unwrap_or_default();
         backlog.force(lane, value.len() as u64);
-        if keys::inbox_seq(parsed.suffix).is_some() {
-            scan.indexable += 1;
-        }
     }
     Ok(scan)
 }
@@ -599,20 +593,15 @@ pub(crate) fn scan_inbox(store: &Store, backlog: &Backlog) -> Result<InboxScan, 
 /// The meta record naming the shard count the lane index was built for.
 const LANE_INDEX: &str = "lane_index_shards";
 
-/// Makes sure the lane index matches the inbox and `shards`: one index entry per inbox
-/// entry, under the shard its entity hashes to. Returns whether it rebuilt (see
-/// [`ensure_index`]).
-pub(crate) fn ensure_lane_index(
-    store: &Store,
-    shards: usize,
-    inbox_entries: u64,
-) -> Result<bool, StoreError> {
+/// Makes sure the lane index covers the inbox, for `shards`: one index entry per inbox
+/// entry, under the shard its entity hashes to. Returns how many index entries it wrote
+/// (see [`ensure_index`]).
+pub(crate) fn ensure_lane_index(store: &Store, shards: usize) -> Result<u64, StoreError> {
     let index = Index {
         marker: LANE_INDEX,
         version: (shards as u16).to_be_bytes().to_vec(),
         space: Space::LaneIndex,
         source: Space::Inbox,
-        entries: inbox_entries,
     };
     ensure_index(store, &index, |key| {
         let parsed = keys::parse(Space::Inbox, key)?;
@@ -628,101 +617,125 @@ pub(crate) fn ensure_lane_index(
 
 /// An index keyspace whose entries each hold the key of one entry of its source keyspace.
 struct Index {
-    /// The meta record that says the index is complete, and what it holds for it.
+    /// The meta record that says the index was built, and what it holds for it.
     marker: &'static str,
     version: Vec<u8>,
     space: Space,
     source: Space,
-    /// The source entries that have an index entry, counted at open.
-    entries: u64,
 }
 
-/// Makes sure `index` matches its source. Its entries are written and removed in the same
-/// batches as the source's, so this rebuilds only a database from before the index, one
-/// whose marker differs (another shard count), or one whose source was written by other
-/// means (the counts differ). Crash-safe: the marker goes first, the new index after, the
-/// marker last. Returns whether it rebuilt.
+/// Makes sure `index` covers its source. Built from scratch when its marker is missing or
+/// differs (a database from before the index, or another shard count); crash-safe: the
+/// marker goes first, the new index after, the marker last. Otherwise reconciled
+/// ([`reconcile`]). Returns how many index entries it wrote.
 fn ensure_index(
     store: &Store,
     index: &Index,
     entry_of: impl Fn(&[u8]) -> Option<Vec<u8>>,
-) -> Result<bool, StoreError> {
+) -> Result<u64, StoreError> {
     let marker = keys::meta(index.marker);
     if store.get(&marker)?.as_deref() == Some(index.version.as_slice()) {
-        let mut indexed = 0u64;
-        for entry in store.scan_prefix(&[index.space as u8])? {
-            entry?;
-            indexed += 1;
-        }
-        if indexed == index.entries {
-            return Ok(false);
-        }
-        tracing::warn!(target: "keystead", index = index.marker, indexed, entries = index.entries,
-            "an index does not match what it indexes; rebuilding it");
+        return reconcile(store, index.space, index.source, entry_of);
     }
-    const CHUNK: usize = 1000;
+    tracing::info!(target: "keystead", index = index.marker, "building an index");
     store.write_at_open(vec![Op::Delete(marker.clone())])?;
-    let mut ops = Vec::with_capacity(CHUNK);
+    let mut ops = Chunks::new(store);
     for entry in store.scan_prefix(&[index.space as u8])? {
-        ops.push(Op::Delete(entry?.0));
-        if ops.len() == CHUNK {
-            store.write_at_open(std::mem::take(&mut ops))?;
-        }
+        ops.push(Op::Delete(entry?.0))?;
     }
+    let mut written = 0;
     for entry in store.scan_prefix(&[index.source as u8])? {
         let (key, _) = entry?;
         if let Some(index_key) = entry_of(&key) {
-            ops.push(Op::Put(index_key, key));
-        }
-        if ops.len() == CHUNK {
-            store.write_at_open(std::mem::take(&mut ops))?;
+            ops.push(Op::Put(index_key, key))?;
+            written += 1;
         }
     }
-    ops.push(Op::Put(marker, index.version.clone()));
-    store.write_at_open(ops)?;
-    Ok(true)
+    ops.push(Op::Put(marker, index.version.clone()))?;
+    ops.finish()?;
+    Ok(written)
+}
+
+/// Gives every entry of keyspace `source` its index entry in `space` where it has none
+/// (work handed straight to a worker is not indexed; a crash leaves it so), and removes
+/// index entries whose source entry is gone. Returns how many entries it added.
+fn reconcile(
+    store: &Store,
+    space: Space,
+    source: Space,
+    entry_of: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) -> Result<u64, StoreError> {
+    let mut ops = Chunks::new(store);
+    let mut added = 0;
+    for entry in store.scan_prefix(&[source as u8])? {
+        let (key, _) = entry?;
+        let Some(index_key) = entry_of(&key) else {
+            continue;
+        };
+        if store.get(&index_key)?.is_none() {
+            ops.push(Op::Put(index_key, key))?;
+            added += 1;
+        }
+    }
+    for entry in store.scan_prefix(&[space as u8])? {
+        let (index_key, source_key) = entry?;
+        if store.get(&source_key)?.is_none() {
+            ops.push(Op::Delete(index_key))?;
+        }
+    }
+    ops.finish()?;
+    Ok(added)
+}
+
+/// Writes at open, a thousand operations at a time.
+struct Chunks<'a> {
+    store: &'a Store,
+    ops: Vec<Op>,
+}
+
+impl<'a> Chunks<'a> {
+    const SIZE: usize = 1000;
+
+    fn new(store: &'a Store) -> Self {
+        Self {
+            store,
+            ops: Vec::with_capacity(Self::SIZE),
+        }
+    }
+
+    fn push(&mut self, op: Op) -> Result<(), StoreError> {
+        self.ops.push(op);
+        if self.ops.len() == Self::SIZE {
+            self.store.write_at_open(std::mem::take(&mut self.ops))?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), StoreError> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        self.store.write_at_open(self.ops)
+    }
 }
 
 /// Counts the outbox into `outbox`, per lane (the lane each effect was recorded in) and in
-/// payload bytes, and makes the outbox lane index cover it: an effect that was to be read by
-/// an effect worker running before a crash (see `Effects::claim`) has no index entry, and
-/// gets one here; an index entry whose effect is gone (one `prioritise` moved while the
-/// effect finished) is removed. Returns how many effects are pending and how many index
-/// entries were added.
+/// payload bytes, and reconciles the outbox lane index with it ([`reconcile`]): an effect
+/// left to a worker that a crash took has no index entry, and an entry `prioritise` moved
+/// while its effect finished points at nothing. Returns how many effects are pending and
+/// how many index entries were added.
 pub(crate) fn scan_outbox(store: &Store, outbox: &Backlog) -> Result<(u64, u64), StoreError> {
-    const CHUNK: usize = 1000;
-    let (mut pending, mut added) = (0, 0);
-    let mut ops = Vec::with_capacity(CHUNK);
+    let mut pending = 0;
     for entry in store.scan_prefix(&[Space::Outbox as u8])? {
         let (key, value) = entry?;
         pending += 1;
         let bytes = codec::decode::<EffectRecord>("effect record", &value)
             .map_or(0, |record| record.payload.len() as u64);
-        let lane = effect_lane(Space::Outbox, &key);
-        outbox.force_n(lane, 1, bytes);
-        let Some(index_key) = outbox_index_of(lane, &key) else {
-            continue;
-        };
-        if store.get(&index_key)?.is_none() {
-            ops.push(Op::Put(index_key, key));
-            added += 1;
-            if ops.len() == CHUNK {
-                store.write_at_open(std::mem::take(&mut ops))?;
-            }
-        }
+        outbox.force_n(effect_lane(Space::Outbox, &key), 1, bytes);
     }
-    for entry in store.scan_prefix(&[Space::OutboxIndex as u8])? {
-        let (index_key, outbox_key) = entry?;
-        if store.get(&outbox_key)?.is_none() {
-            ops.push(Op::Delete(index_key));
-            if ops.len() == CHUNK {
-                store.write_at_open(std::mem::take(&mut ops))?;
-            }
-        }
-    }
-    if !ops.is_empty() {
-        store.write_at_open(ops)?;
-    }
+    let added = reconcile(store, Space::OutboxIndex, Space::Outbox, |key| {
+        outbox_index_of(effect_lane(Space::Outbox, key), key)
+    })?;
     Ok((pending, added))
 }
 

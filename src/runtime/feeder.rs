@@ -15,15 +15,12 @@
 //! the lowest one before its next pass. At open every feeder reads its whole lane once: that
 //! is how the inbox left by a crash is recovered.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-
-use parking_lot::Mutex;
 
 use crate::core::keys::{self, Space};
 use crate::error::StoreError;
 use crate::priority::Priority;
-use crate::runtime::admission::{Gate, Ticket};
+use crate::runtime::admission::{self, Draining, Gate};
 use crate::runtime::inner::Inner;
 use crate::runtime::shared::Shared;
 use crate::store::{Entry, Store};
@@ -31,13 +28,9 @@ use crate::store::{Entry, Store};
 /// How many lane index entries a feeder reads per pass.
 const READ_MAX: usize = 64;
 
-/// Entities being drained on one shard, with the highest lane in which more work came for
-/// each meanwhile.
-pub(crate) type Draining = Arc<Mutex<HashMap<(&'static str, String), Option<Priority>>>>;
-
 /// Starts the feeders of shard `shard`, one per lane, on that shard's arbiter.
 pub(crate) fn start(inner: &Arc<Inner>, shard: usize, arbiter: &actix::ArbiterHandle) -> bool {
-    let draining: Draining = Arc::default();
+    let draining = inner.shards[shard].draining.clone();
     Priority::ALL.iter().all(|&lane| {
         let feeder = Feeder {
             inner: Arc::downgrade(inner),
@@ -157,37 +150,21 @@ impl Feeder {
         let Some(slot) = self.gate.acquire(id.0, &id.1, self.lane).await else {
             return false;
         };
-        {
-            let mut draining = self.draining.lock();
-            match draining.get_mut(&id) {
-                Some(more) => {
-                    *more = (*more).max(Some(self.lane));
-                    return true;
-                }
-                None => {
-                    draining.insert(id.clone(), None);
-                }
-            }
-        }
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
-        let Some(registration) = inner.registry.get(id.0).copied() else {
-            return true;
-        };
-        let (draining, shared) = (self.draining.clone(), self.shared.clone());
-        let shard = self.shard;
-        let key = id.1.clone();
-        // When the drain ends, wake the entity again in the highest lane where more came.
-        let on_release = Box::new(move || {
-            let more = draining.lock().remove(&id).flatten();
-            if let Some(lane) = more {
-                shared.feeds[shard][lane.index()].rewake(id, &shared.stats);
-            }
-        });
-        let ticket = Ticket::new(slot, self.shared.clone()).on_release(on_release);
-        let up_to = self.shared.seq.load(std::sync::atomic::Ordering::Acquire);
-        (registration.wake)(&inner, key, ticket, up_to);
+        let (entity, key) = (id.0, id.1.clone());
+        let claimed = admission::claim_drain(
+            &self.shared,
+            &self.draining,
+            self.shard,
+            id,
+            slot,
+            Some(self.lane),
+        );
+        if let Some(ticket) = claimed {
+            inner.send_drain(entity, key, ticket);
+        }
         true
     }
 }

@@ -18,7 +18,7 @@ use crate::core::hash::shard_of;
 use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::priority::Priority;
-use crate::runtime::admission::{Gate, Ticket};
+use crate::runtime::admission::{self, Draining, Gate, Ticket};
 use crate::runtime::mail::{Deliver, Job};
 use crate::runtime::shared::Shared;
 use crate::runtime::supervisor::Shard;
@@ -32,6 +32,9 @@ pub(crate) struct ShardRef {
     /// writing work to disk must not wait for the processing slots of its lane, or a slow
     /// lane could not build the durable backlog that is there to absorb it.
     pub accepting: Arc<Semaphore>,
+    /// Entities of this shard being drained, with the highest lane in which more work came
+    /// for each meanwhile (see `runtime/feeder.rs`).
+    pub draining: Draining,
 }
 
 /// How to wake a registered entity type's actor without knowing its Rust type.
@@ -120,6 +123,43 @@ impl Inner {
             return None;
         }
         Some(Ticket::new(slot, self.shared.clone()))
+    }
+
+    /// A drain of entity (`entity`, `key`) claimed at once for a `tell` about to be written
+    /// in lane `lane`, so that it can be handed to the entity straight after its commit,
+    /// without a lane index entry and without its lane's feeder: only when the entity is not
+    /// being drained and a slot is free in that lane with nobody queued ahead (so lane order
+    /// holds). `None` otherwise: the `tell` then takes the lane index and the feeder.
+    pub(crate) fn claim_direct(
+        &self,
+        entity: &'static str,
+        key: &str,
+        lane: Priority,
+    ) -> Option<Ticket> {
+        let shard = self.shard_index(entity, key);
+        let id = (entity, key.to_string());
+        if self.shards[shard].draining.lock().contains_key(&id) {
+            return None;
+        }
+        let slot = self.shards[shard].gate.try_acquire(entity, key, lane)?;
+        admission::claim_drain(
+            &self.shared,
+            &self.shards[shard].draining,
+            shard,
+            id,
+            slot,
+            None,
+        )
+    }
+
+    /// Sends entity (`entity`, `key`) a drain of everything accepted so far, holding
+    /// `ticket`.
+    pub(crate) fn send_drain(&self, entity: &'static str, key: String, ticket: Ticket) {
+        let Some(registration) = self.registry.get(entity).copied() else {
+            return;
+        };
+        let up_to = self.shared.seq.load(Ordering::Acquire);
+        (registration.wake)(self, key, ticket, up_to);
     }
 
     /// Waits for room to write one `tell` to entity (`entity`, `key`)'s shard. `None` once

@@ -71,6 +71,13 @@ impl Shared {
         self.feeds[shard][lane.index()].accepted(seq, &self.stats);
     }
 
+    /// An inbox entry of entity (`entity`, `key`) was committed without a lane index entry
+    /// (it is handed to the entity directly): only the shard's inbox generation moves.
+    pub(crate) fn inbox_written(&self, entity: &str, key: &str) {
+        let shard = shard_of(entity, key, self.config.shards);
+        self.inbox_generations[shard].fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The inbox generation of shard `shard` (see `inbox_generations`).
     pub(crate) fn inbox_generation(&self, shard: usize) -> u64 {
         self.inbox_generations[shard].load(Ordering::Acquire)
