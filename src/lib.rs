@@ -105,6 +105,7 @@ struct ReadmeDoctests;
 
 pub use crate::core::codec::FORMAT_VERSION;
 pub use crate::core::keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
+pub use crate::core::merge;
 pub use backend::Backend;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dead_letter::{DeadLetter, Shed};

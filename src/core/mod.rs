@@ -10,6 +10,8 @@
 //! - [`effect`]: the pure record of an effect (identity, status moves, outbox record).
 //! - [`ops`]: one write of an atomic commit, as a value.
 //! - [`lanes`]: which priority lane goes next (strict priority, bounded starvation).
+//! - [`merge`]: field-level merge rules for states that several paths write (public as
+//!   `keystead::merge`).
 
 pub(crate) mod apply;
 pub(crate) mod codec;
@@ -17,5 +19,6 @@ pub(crate) mod effect;
 pub(crate) mod hash;
 pub(crate) mod keys;
 pub(crate) mod lanes;
+pub mod merge;
 pub(crate) mod ops;
 pub(crate) mod records;
