@@ -111,8 +111,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use dead_letter::{DeadLetter, Shed};
 pub use durability::Durability;
 pub use effects::{
-    AsyncExecutor, Effect, EffectContext, EffectError, EffectInfo, EffectKey, EffectStatus,
-    Executor, Feedback,
+    AsyncExecutor, Effect, EffectContext, EffectError, EffectInfo, EffectKey, EffectLimits,
+    EffectStatus, Executor, Feedback,
 };
 pub use entity::{Context, Entity, Failure, FailureKind};
 pub use error::{AdminError, DecodeError, OpenError, Returned, StoreError, SubmitError};

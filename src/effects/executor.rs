@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::core::codec;
 use crate::entity::Entity;
@@ -61,10 +62,43 @@ pub trait AsyncExecutor<T: Effect>: Send + Sync + 'static {
 type Outcome = Result<Option<Vec<u8>>, EffectError>;
 type Running = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+/// The limits of one effect type, set with
+/// [`RuntimeBuilder::effect_limits`](crate::RuntimeBuilder::effect_limits).
+///
+/// ```
+/// use std::time::Duration;
+/// use keystead::EffectLimits;
+/// let limits = EffectLimits::default().attempt_timeout(Duration::from_secs(10));
+/// assert_eq!(limits.get_attempt_timeout(), Some(Duration::from_secs(10)));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EffectLimits {
+    attempt_timeout: Option<Duration>,
+}
+
+impl EffectLimits {
+    /// How long one attempt may take. An attempt still running then is a retryable failure
+    /// ("timed out"), retried under the effect retry policy with the same effect key. An
+    /// async executor's attempt is cancelled; a blocking executor's thread cannot be
+    /// stopped: it runs on, its result is discarded, and the provider may see the key twice
+    /// (which the key is for). Default: none.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// The per-attempt timeout, if any.
+    pub fn get_attempt_timeout(&self) -> Option<Duration> {
+        self.attempt_timeout
+    }
+}
+
 /// A registered executor with its types erased: payload bytes in, encoded feedback out.
 pub(crate) struct Registered {
     pub origin: &'static str,
     pub(crate) run: Arc<dyn Fn(Vec<u8>, EffectContext) -> Running + Send + Sync>,
+    pub(crate) limits: EffectLimits,
 }
 
 impl Registered {
@@ -72,6 +106,7 @@ impl Registered {
         let executor = Arc::new(executor);
         Self {
             origin: <T::Origin as Entity>::NAME,
+            limits: EffectLimits::default(),
             run: Arc::new(move |payload, ctx| {
                 let executor = executor.clone();
                 joined(tokio::task::spawn_blocking(move || {
@@ -86,6 +121,7 @@ impl Registered {
         let executor = Arc::new(executor);
         Self {
             origin: <T::Origin as Entity>::NAME,
+            limits: EffectLimits::default(),
             run: Arc::new(move |payload, ctx| {
                 let executor = executor.clone();
                 joined(tokio::spawn(async move {
@@ -98,11 +134,24 @@ impl Registered {
 }
 
 /// Awaits an executor's task; a panic in the executor is a retryable failure of that effect.
+/// Dropping the future (an attempt timed out, or the workers stopped) aborts the task (an
+/// async executor stops at its next await; a blocking one that started runs on).
 fn joined(task: tokio::task::JoinHandle<Outcome>) -> Running {
+    let task = AbortOnDrop(task);
     Box::pin(async move {
-        task.await
+        let mut task = task;
+        (&mut task.0)
+            .await
             .unwrap_or_else(|e| Err(EffectError::retryable(format!("executor panicked: {e}"))))
     })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<Outcome>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A stored payload that no longer decodes as `T` can never succeed: a permanent failure.

@@ -29,7 +29,7 @@ pub(crate) use crate::core::effect::EffectRecord;
 pub use crate::core::effect::{EffectContext, EffectError, EffectInfo, EffectKey, EffectStatus};
 pub use crate::entity::{Effect, Feedback};
 pub(crate) use executor::Registered;
-pub use executor::{AsyncExecutor, Executor};
+pub use executor::{AsyncExecutor, EffectLimits, Executor};
 pub(crate) use query::{find, of_entity};
 pub(crate) use workers::Effects;
 

@@ -487,7 +487,7 @@ impl Effects {
                 "no executor registered for this effect type; it waits in the outbox. Register it with RuntimeBuilder::executor");
             return Err(());
         };
-        let run = executor.run.clone();
+        let (run, attempt_timeout) = (executor.run.clone(), executor.limits.get_attempt_timeout());
         let span = tracing::info_span!(target: "keystead", "keystead.effect",
             effect = %record.info.name, effect_key = %record.info.effect_key,
             correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
@@ -518,9 +518,17 @@ impl Effects {
                 correlation_id: record.info.correlation_id.clone(),
                 attempt: record.info.attempts,
             };
-            let result = run(record.payload.clone(), ctx)
-                .instrument(span.clone())
-                .await;
+            let attempt = run(record.payload.clone(), ctx).instrument(span.clone());
+            let result = match attempt_timeout {
+                None => attempt.await,
+                Some(timeout) => tokio::time::timeout(timeout, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(EffectError::retryable(format!(
+                            "the attempt timed out after {timeout:?} (EffectLimits::attempt_timeout)"
+                        )))
+                    }),
+            };
             drop(_permit);
             match result {
                 Ok(feedback) => {

@@ -79,6 +79,7 @@ pub struct RuntimeBuilder {
     registry: HashMap<&'static str, Registration>,
     registry_error: Option<OpenError>,
     executors: HashMap<&'static str, effects::Registered>,
+    effect_limits: HashMap<&'static str, effects::EffectLimits>,
     effect_retry: RetryPolicy,
     effect_workers: usize,
     effects_running_max: usize,
@@ -125,6 +126,7 @@ impl RuntimeBuilder {
             registry: HashMap::new(),
             registry_error: None,
             executors: HashMap::new(),
+            effect_limits: HashMap::new(),
             effect_retry: RetryPolicy::default(),
             effect_workers: 2,
             effects_running_max: 64,
@@ -159,6 +161,14 @@ impl RuntimeBuilder {
     /// runtime.
     pub fn async_executor<T: Effect>(self, executor: impl AsyncExecutor<T>) -> Self {
         self.add_executor::<T>(effects::Registered::non_blocking::<T, _>(executor))
+    }
+
+    /// The limits of effect type `T` (see [`EffectLimits`](crate::EffectLimits)). Register
+    /// its executor too, before or after: limits for an effect type with no executor are
+    /// refused at open.
+    pub fn effect_limits<T: Effect>(mut self, limits: effects::EffectLimits) -> Self {
+        self.effect_limits.insert(T::NAME, limits);
+        self
     }
 
     /// How failing effects are retried. Default: [`RetryPolicy::default`].
@@ -367,6 +377,29 @@ impl RuntimeBuilder {
                 );
             }
         }
+        if let Some(name) = self
+            .effect_limits
+            .keys()
+            .find(|name| !self.executors.contains_key(*name))
+        {
+            return Err(OpenError::InvalidConfig {
+                setting: "effect_limits",
+                reason: format!(
+                    "limits are set for effect type {name:?}, which has no executor; register one with RuntimeBuilder::executor or async_executor"
+                ),
+            });
+        }
+        if let Some(timeout) = self
+            .effect_limits
+            .values()
+            .find_map(|l| l.get_attempt_timeout())
+            .filter(|t| t.is_zero())
+        {
+            return invalid(
+                "effect_limits",
+                &format!("an attempt timeout of {timeout:?} would fail every attempt; give it more than zero"),
+            );
+        }
         if self.effect_lanes_max == 0 || self.effect_lanes_max > 1 << 20 {
             return invalid("effect_lanes_max", "must be between 1 and 1048576");
         }
@@ -498,8 +531,14 @@ impl RuntimeBuilder {
 
         let (effects_pending, outbox_indexed) =
             scan_outbox(&store, &shared.outbox).map_err(store_error)?;
+        let mut executors = std::mem::take(&mut self.executors);
+        for (name, limits) in &self.effect_limits {
+            if let Some(registered) = executors.get_mut(name) {
+                registered.limits = *limits;
+            }
+        }
         let effects = Effects::start(
-            std::mem::take(&mut self.executors),
+            executors,
             store.clone(),
             shared.clone(),
             self.effect_retry,
