@@ -1,6 +1,9 @@
-//! The effect workers: one lane per entity with pending effects, run on a tokio runtime of
-//! their own, under a bound on effects running at once; each effect's attempts, status moves
-//! and feedback.
+//! The effect workers, on a tokio runtime of their own: at most `effect_lanes_max` at once
+//! (an entity's lane, or one independent effect), taken in lanes; the effect feeders that
+//! find the effects waiting on disk (the outbox lane index) for the entities that had no
+//! worker; the claims that let a message's effects skip the index; and each effect's
+//! attempts (under a bound on attempts running at once, in lanes), status moves and
+//! feedback.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -34,8 +37,8 @@ use crate::core::effect::{
     feedback_id, EffectContext, EffectError, EffectKey, EffectRecord, EffectStatus,
 };
 
-/// The effect workers: a tokio runtime of their own, one lane per entity with pending
-/// effects, and a bound on effects running at once.
+/// The effect workers: a tokio runtime of their own, a bounded number of entity lanes fed
+/// in lane order, and a bound on effect attempts running at once.
 pub(crate) struct Effects {
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
