@@ -223,11 +223,16 @@ pub(crate) fn effect_lane(space: Space, key: &[u8]) -> Priority {
         .unwrap_or_default()
 }
 
+/// The outbox sequence and effect index of the outbox entry `outbox_key`; `None` for a
+/// malformed key.
+pub(crate) fn outbox_position_of(outbox_key: &[u8]) -> Option<(u64, u32)> {
+    keys::outbox_position(keys::parse(Space::Outbox, outbox_key)?.suffix)
+}
+
 /// The outbox lane index entry of the outbox entry `outbox_key`, in lane `lane`; `None` for
 /// a malformed key.
 pub(crate) fn outbox_index_of(lane: Priority, outbox_key: &[u8]) -> Option<Vec<u8>> {
-    let parsed = keys::parse(Space::Outbox, outbox_key)?;
-    let (seq, index) = keys::outbox_position(parsed.suffix)?;
+    let (seq, index) = outbox_position_of(outbox_key)?;
     Some(keys::outbox_index(lane, seq, index))
 }
 

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::core::codec;
 use crate::core::effect::effect_lane;
-use crate::core::effect::outbox_index_of;
+use crate::core::effect::{outbox_index_of, outbox_position_of};
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
 use crate::core::lanes::LANES;
@@ -317,9 +317,7 @@ impl Effects {
         for (outbox_key, record) in batch {
             let lane = effect_lane(Space::Outbox, &outbox_key);
             let Some(slot) = self.lane_gate.try_acquire(entity, key, lane) else {
-                let seq = keys::parse(Space::Outbox, &outbox_key)
-                    .and_then(|p| keys::outbox_position(p.suffix))
-                    .map_or(0, |(seq, _)| seq);
+                let seq = outbox_position_of(&outbox_key).map_or(0, |(seq, _)| seq);
                 self.feeds[lane.index()].accepted(seq, &self.shared.stats);
                 return;
             };
@@ -804,9 +802,7 @@ impl Effects {
             self.shared.outbox.release_n(lane, 1, bytes);
             return Err(e.into());
         }
-        let seq = keys::parse(Space::Outbox, &outbox_key)
-            .and_then(|p| keys::outbox_position(p.suffix))
-            .map_or(0, |(seq, _)| seq);
+        let seq = outbox_position_of(&outbox_key).map_or(0, |(seq, _)| seq);
         match self.origin(&key.entity) {
             Some(origin) => self.wake(origin, &key.key, lane, seq, record.independent),
             None => self.feeds[lane.index()].accepted(seq, &self.shared.stats),

@@ -16,7 +16,7 @@ use tracing::field::Empty;
 
 use crate::core::apply::{self, Attempt, Loaded, OutcomeOf, Source, Verdict};
 use crate::core::codec;
-use crate::core::effect::effect_lane;
+use crate::core::effect::{effect_lane, outbox_position_of};
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
 use crate::core::records::{
@@ -1127,9 +1127,7 @@ impl<E: Entity> EntityActor<E> {
                     match entry {
                         Ok((key, _)) if effect_lane(Space::Outbox, &key) < lane => {
                             effects_raised += 1;
-                            let position = keys::parse(Space::Outbox, &key)
-                                .and_then(|p| keys::outbox_position(p.suffix));
-                            if let Some((seq, index)) = position {
+                            if let Some((seq, index)) = outbox_position_of(&key) {
                                 raised_from_seq = raised_from_seq.min(seq);
                                 for other in Priority::ALL.into_iter().filter(|&l| l != lane) {
                                     ops.push(Op::Delete(keys::outbox_index(other, seq, index)));
