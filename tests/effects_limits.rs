@@ -79,8 +79,23 @@ impl Executor<Enrich> for Stuck {
     }
 }
 
+/// A second effect type of the same entity (never recorded: only its limits matter here).
+#[derive(Debug, Serialize, Deserialize)]
+struct Note;
+
+impl Effect for Note {
+    const NAME: &'static str = "note";
+    type Origin = Product;
+}
+
 /// A provider that answers at once.
 struct Quick;
+
+impl Executor<Note> for Quick {
+    fn execute(&self, _: &Note, _: &EffectContext) -> Result<Feedback<Note>, EffectError> {
+        Ok(None)
+    }
+}
 
 impl Executor<Enrich> for Quick {
     fn execute(&self, _: &Enrich, _: &EffectContext) -> Result<Feedback<Enrich>, EffectError> {
@@ -211,4 +226,22 @@ fn limits_without_an_executor_or_with_a_zero_timeout_are_refused_at_open() {
         ),
         "{refused:?}"
     );
+    // A zero timeout is found whichever type has it, beside valid limits of another.
+    for _ in 0..8 {
+        let refused = runtime_builder(dir.path())
+            .register::<Product>()
+            .executor::<Enrich>(Quick)
+            .executor::<Note>(Quick)
+            .effect_limits::<Enrich>(timeout_of(100))
+            .effect_limits::<Note>(timeout_of(0))
+            .open()
+            .unwrap_err();
+        match &refused {
+            OpenError::InvalidConfig { setting, reason } => {
+                assert_eq!(*setting, "effect_limits");
+                assert!(reason.contains("\"note\""), "{reason}");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
 }

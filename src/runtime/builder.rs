@@ -382,22 +382,19 @@ impl RuntimeBuilder {
             .keys()
             .find(|name| !self.executors.contains_key(*name))
         {
-            return Err(OpenError::InvalidConfig {
-                setting: "effect_limits",
-                reason: format!(
-                    "limits are set for effect type {name:?}, which has no executor; register one with RuntimeBuilder::executor or async_executor"
-                ),
-            });
+            return invalid(
+                "effect_limits",
+                &format!("limits are set for effect type {name:?}, which has no executor; register one with RuntimeBuilder::executor or async_executor"),
+            );
         }
-        if let Some(timeout) = self
+        if let Some((name, _)) = self
             .effect_limits
-            .values()
-            .find_map(|l| l.get_attempt_timeout())
-            .filter(|t| t.is_zero())
+            .iter()
+            .find(|(_, l)| l.get_attempt_timeout().is_some_and(|t| t.is_zero()))
         {
             return invalid(
                 "effect_limits",
-                &format!("an attempt timeout of {timeout:?} would fail every attempt; give it more than zero"),
+                &format!("effect type {name:?} has an attempt timeout of zero, which would fail every attempt; give it more than zero"),
             );
         }
         if self.effect_lanes_max == 0 || self.effect_lanes_max > 1 << 20 {
