@@ -676,7 +676,7 @@ impl Effects {
     /// index entry (in its own lane, and in `raised`, the lane its last attempt waited in,
     /// where `prioritise` moved it). An index entry a `prioritise` moved during that last
     /// attempt stays behind, pointing at nothing: the effect feeder skips it, and the next
-    /// open, finding more index entries than effects, rebuilds the index.
+    /// open removes it (`reconcile`).
     fn finish_ops(
         &self,
         outbox_key: &[u8],
@@ -690,12 +690,8 @@ impl Effects {
             Op::Delete(outbox_key.to_vec()),
             Op::Put(history_key, encode(record)?),
         ];
-        let lanes = if raised == own {
-            vec![own]
-        } else {
-            vec![own, raised]
-        };
-        for lane in lanes {
+        let raised = (raised != own).then_some(raised);
+        for lane in std::iter::once(own).chain(raised) {
             if let Some(index_key) = outbox_index_of(lane, outbox_key) {
                 ops.push(Op::Delete(index_key));
             }
