@@ -15,34 +15,10 @@ use std::time::Duration;
 
 use common::*;
 use keystead::{
-    AsyncExecutor, Context, Effect, EffectContext, EffectError, EffectKey, EffectLimits,
-    EffectStatus, Entity, Executor, Feedback, OpenError,
+    AsyncExecutor, Effect, EffectContext, EffectError, EffectKey, EffectLimits, EffectStatus,
+    Executor, Feedback, OpenError,
 };
 use serde::{Deserialize, Serialize};
-
-struct Product;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Enrich;
-
-impl Effect for Enrich {
-    const NAME: &'static str = "enrich";
-    type Origin = Product;
-}
-
-impl Entity for Product {
-    const NAME: &'static str = "product";
-    type State = u64;
-    type Command = ();
-    type Reply = u64;
-    type Error = Never;
-
-    fn handle(state: &mut u64, _: &(), ctx: &mut Context<'_>) -> Result<u64, Never> {
-        *state += 1;
-        ctx.effect(Enrich);
-        Ok(*state)
-    }
-}
 
 /// An async provider that never answers; counts the attempts it saw start, and the ones
 /// cancelled (dropped before they ended).

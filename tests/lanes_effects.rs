@@ -24,35 +24,9 @@ use std::time::Duration;
 use common::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use keystead::{
-    AdminError, BacklogKind, Context, Effect, EffectContext, EffectError, Entity, Executor,
-    Feedback, LaneLimits, Priority, Runtime, RuntimeBuilder, SubmitError, WhenFull,
+    AdminError, BacklogKind, EffectContext, EffectError, Executor, Feedback, LaneLimits, Priority,
+    Runtime, RuntimeBuilder, SubmitError, WhenFull,
 };
-use serde::{Deserialize, Serialize};
-
-/// Records one `Enrich` per command.
-struct Product;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Enrich;
-
-impl Effect for Enrich {
-    const NAME: &'static str = "enrich";
-    type Origin = Product;
-}
-
-impl Entity for Product {
-    const NAME: &'static str = "product";
-    type State = u64;
-    type Command = ();
-    type Reply = u64;
-    type Error = Never;
-
-    fn handle(state: &mut u64, _: &(), ctx: &mut Context<'_>) -> Result<u64, Never> {
-        *state += 1;
-        ctx.effect(Enrich);
-        Ok(*state)
-    }
-}
 
 /// Logs the key of every effect it enters, then waits for a token. An effect of a key that
 /// starts with "doomed" fails at once (retryable), without a token.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keystead::{
-    Backend, Context, Entity, Failure, FailureKind, RetryPolicy, Runtime, RuntimeBuilder,
+    Backend, Context, Effect, Entity, Failure, FailureKind, RetryPolicy, Runtime, RuntimeBuilder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -351,4 +351,30 @@ pub fn with_raw_sled<T>(path: &Path, f: impl FnOnce(&sled::Db) -> T) -> T {
         std::thread::sleep(Duration::from_millis(1));
     }
     out
+}
+
+/// A product whose every command records one `Enrich` (the effect tests' slow stage).
+pub struct Product;
+
+/// The enrichment a `Product` records on every command.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Enrich;
+
+impl Effect for Enrich {
+    const NAME: &'static str = "enrich";
+    type Origin = Product;
+}
+
+impl Entity for Product {
+    const NAME: &'static str = "product";
+    type State = u64;
+    type Command = ();
+    type Reply = u64;
+    type Error = Never;
+
+    fn handle(state: &mut u64, _: &(), ctx: &mut Context<'_>) -> Result<u64, Never> {
+        *state += 1;
+        ctx.effect(Enrich);
+        Ok(*state)
+    }
 }
