@@ -171,6 +171,17 @@ async fn a_quick_executor_is_untouched_by_its_timeout() {
     rt.shutdown().await;
 }
 
+/// Asserts that `refused` is an `InvalidConfig` of `effect_limits` naming effect `name`.
+fn assert_refused_naming(refused: &OpenError, name: &str) {
+    match refused {
+        OpenError::InvalidConfig { setting, reason } => {
+            assert_eq!(*setting, "effect_limits");
+            assert!(reason.contains(&format!("{name:?}")), "{reason}");
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
 #[test]
 fn limits_without_an_executor_or_with_a_zero_timeout_are_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,29 +190,14 @@ fn limits_without_an_executor_or_with_a_zero_timeout_are_refused_at_open() {
         .effect_limits::<Enrich>(timeout_of(100))
         .open()
         .unwrap_err();
-    match &refused {
-        OpenError::InvalidConfig { setting, reason } => {
-            assert_eq!(*setting, "effect_limits");
-            assert!(reason.contains("\"enrich\""), "{reason}");
-        }
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+    assert_refused_naming(&refused, "enrich");
     let refused = runtime_builder(dir.path())
         .register::<Product>()
         .executor::<Enrich>(Quick)
         .effect_limits::<Enrich>(timeout_of(0))
         .open()
         .unwrap_err();
-    assert!(
-        matches!(
-            refused,
-            OpenError::InvalidConfig {
-                setting: "effect_limits",
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    assert_refused_naming(&refused, "enrich");
     // A zero timeout is found whichever type has it, beside valid limits of another.
     for _ in 0..8 {
         let refused = runtime_builder(dir.path())
@@ -212,12 +208,6 @@ fn limits_without_an_executor_or_with_a_zero_timeout_are_refused_at_open() {
             .effect_limits::<Note>(timeout_of(0))
             .open()
             .unwrap_err();
-        match &refused {
-            OpenError::InvalidConfig { setting, reason } => {
-                assert_eq!(*setting, "effect_limits");
-                assert!(reason.contains("\"note\""), "{reason}");
-            }
-            other => panic!("expected InvalidConfig, got {other:?}"),
-        }
+        assert_refused_naming(&refused, "note");
     }
 }
