@@ -105,9 +105,10 @@ struct ReadmeDoctests;
 
 pub use crate::core::codec::FORMAT_VERSION;
 pub use crate::core::keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
+pub use crate::core::limits::{BreakerPolicy, BreakerState, Rate};
 pub use crate::core::merge;
 pub use backend::Backend;
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, Sleep, SystemClock};
 pub use dead_letter::{DeadLetter, Shed};
 pub use durability::Durability;
 pub use effects::{
@@ -121,4 +122,4 @@ pub use priority::{BacklogKind, LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, EntityRef, Snapshot, Tell};
 pub use runtime::{Runtime, RuntimeBuilder};
-pub use telemetry::{LaneStats, RuntimeStats};
+pub use telemetry::{EffectTypeStats, LaneStats, RuntimeStats};

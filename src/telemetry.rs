@@ -113,9 +113,50 @@ pub struct RuntimeStats {
     /// Times a caller waited because its entity already held its share of the shard
     /// ([`RuntimeBuilder::entity_in_flight_max`](crate::RuntimeBuilder::entity_in_flight_max)).
     pub entity_capped: u64,
+    /// Per effect type with limits ([`EffectLimits`](crate::EffectLimits) beyond a
+    /// timeout), in name order: its breaker and parked work. Read one with
+    /// [`RuntimeStats::effect_type`].
+    pub effect_types: Vec<EffectTypeStats>,
+}
+
+/// One effect type's limits, live.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EffectTypeStats {
+    /// The effect type's name.
+    pub name: String,
+    /// Where its circuit breaker is (`Closed` without one).
+    pub breaker: crate::BreakerState,
+    /// Times the breaker opened (a failed probe reopens it: counted too).
+    pub breaker_opened: u64,
+    /// Times its cool-down ended and it let a probe through.
+    pub breaker_half_opened: u64,
+    /// Times a probe succeeded and closed it.
+    pub breaker_closed: u64,
+    /// Probe attempts handed out.
+    pub probes: u64,
+    /// Attempts of this type running now.
+    pub running: u64,
+    /// Entities (and independent effects) parked now, waiting for the type to open up
+    /// without holding a worker.
+    pub parked: u64,
+    /// Times work parked, since open.
+    pub parks: u64,
+    /// Retryable failures not counted against their effect's attempts because the breaker
+    /// was open after them (the provider's failure, not the effect's).
+    pub attempts_uncounted: u64,
 }
 
 impl RuntimeStats {
+    /// The limits counters of effect type `name`, if it has limits.
+    ///
+    /// ```
+    /// assert!(keystead::RuntimeStats::default().effect_type("enrich").is_none());
+    /// ```
+    pub fn effect_type(&self, name: &str) -> Option<&EffectTypeStats> {
+        self.effect_types.iter().find(|t| t.name == name)
+    }
+
     /// The counters of one lane.
     ///
     /// ```
@@ -291,6 +332,7 @@ impl Stats {
             effect_priorities: std::array::from_fn(|i| self.effect_priorities[i].snapshot()),
             effect_activations: std::array::from_fn(|i| self.effect_activations[i].snapshot()),
             entity_capped: get(&self.entity_capped),
+            effect_types: Vec::new(),
         }
     }
 

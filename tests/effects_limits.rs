@@ -211,3 +211,47 @@ fn limits_without_an_executor_or_with_a_zero_timeout_are_refused_at_open() {
         assert_refused_naming(&refused, "note");
     }
 }
+
+#[test]
+fn limits_that_would_let_nothing_through_are_refused_at_open() {
+    use keystead::{BreakerPolicy, Rate};
+    let dir = tempfile::tempdir().unwrap();
+    let refusals = [
+        (EffectLimits::default().concurrency(0), "concurrency of zero"),
+        (
+            EffectLimits::default().rate(Rate::new(0, Duration::from_secs(1))),
+            "rate",
+        ),
+        (
+            EffectLimits::default().rate(Rate::new(10, Duration::ZERO)),
+            "rate",
+        ),
+        (
+            EffectLimits::default().breaker(BreakerPolicy::consecutive(0)),
+            "consecutive",
+        ),
+        (
+            EffectLimits::default()
+                .breaker(BreakerPolicy::consecutive(3).cool_down(Duration::ZERO)),
+            "cool_down",
+        ),
+        (
+            EffectLimits::default().breaker(BreakerPolicy::consecutive(3).failure_ratio(
+                0.0,
+                10,
+                Duration::from_secs(60),
+            )),
+            "failure_ratio",
+        ),
+    ];
+    for (limits, named) in refusals {
+        let refused = runtime_builder(dir.path())
+            .register::<Product>()
+            .executor::<Enrich>(Quick)
+            .effect_limits::<Enrich>(limits.clone())
+            .open()
+            .unwrap_err();
+        assert_refused_naming(&refused, "enrich");
+        assert!(refused.to_string().contains(named), "{limits:?}: {refused}");
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`effect`]: the pure record of an effect (identity, status moves, outbox record).
 //! - [`ops`]: one write of an atomic commit, as a value.
 //! - [`lanes`]: which priority lane goes next (strict priority, bounded starvation).
+//! - [`limits`]: token buckets and the circuit breaker of an effect type, as values.
 //! - [`merge`]: field-level merge rules for states that several paths write (public as
 //!   `keystead::merge`).
 
@@ -19,6 +20,7 @@ pub(crate) mod effect;
 pub(crate) mod hash;
 pub(crate) mod keys;
 pub(crate) mod lanes;
+pub(crate) mod limits;
 pub mod merge;
 pub(crate) mod ops;
 pub(crate) mod records;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::codec;
+use crate::core::limits::{BreakerPolicy, Rate};
 use crate::entity::Entity;
 
 use crate::core::effect::{EffectContext, EffectError};
@@ -63,18 +64,32 @@ type Outcome = Result<Option<Vec<u8>>, EffectError>;
 type Running = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 /// The limits of one effect type, set with
-/// [`RuntimeBuilder::effect_limits`](crate::RuntimeBuilder::effect_limits).
+/// [`RuntimeBuilder::effect_limits`](crate::RuntimeBuilder::effect_limits): how many of its
+/// attempts run at once, how many start per period, how long one may take, and a circuit
+/// breaker. They hold for that type alone: work the limits hold back waits without holding
+/// an effect worker (its entity is parked, on disk and in a small queue of the type, and
+/// woken in lane order when the type may go again), so effects of other types and the fast
+/// path do not notice.
 ///
 /// ```
 /// use std::time::Duration;
-/// use keystead::EffectLimits;
-/// let limits = EffectLimits::default().attempt_timeout(Duration::from_secs(10));
+/// use keystead::{BreakerPolicy, EffectLimits, Rate};
+/// let limits = EffectLimits::default()
+///     .concurrency(8)
+///     .rate(Rate::new(100, Duration::from_secs(1)))
+///     .rate(Rate::new(5_000, Duration::from_secs(3_600)))
+///     .attempt_timeout(Duration::from_secs(10))
+///     .breaker(BreakerPolicy::consecutive(5).cool_down(Duration::from_secs(30)));
 /// assert_eq!(limits.get_attempt_timeout(), Some(Duration::from_secs(10)));
+/// assert_eq!(limits.get_rates().len(), 2);
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct EffectLimits {
     attempt_timeout: Option<Duration>,
+    concurrency: Option<u32>,
+    rates: Vec<Rate>,
+    breaker: Option<BreakerPolicy>,
 }
 
 impl EffectLimits {
@@ -88,9 +103,74 @@ impl EffectLimits {
         self
     }
 
+    /// At most `attempts` of this type run at once (zero is refused at open). Default: only
+    /// `effects_running_max`, shared with every type.
+    pub fn concurrency(mut self, attempts: u32) -> Self {
+        self.concurrency = Some(attempts);
+        self
+    }
+
+    /// Adds a rate limit on attempts started (a token bucket, see [`Rate`]). Several hold
+    /// together: an attempt starts only when every one has a token. Default: none.
+    pub fn rate(mut self, rate: Rate) -> Self {
+        self.rates.push(rate);
+        self
+    }
+
+    /// A circuit breaker for this type (see [`BreakerPolicy`]). While it is open, the
+    /// type's effects wait without spending attempts; after the cool-down one probe goes,
+    /// and its success closes the breaker, which lets the waiting effects go in lane order
+    /// (at the rate limit, if any). A retryable failure after which the breaker is open (the
+    /// one that opened it, a failed probe, one that ended while it was open) is the
+    /// provider's, not the effect's: it is not counted against the effect retry policy's
+    /// `attempts_max`, so an outage of any length dead-letters nothing. Default: none.
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.breaker = Some(policy);
+        self
+    }
+
     /// The per-attempt timeout, if any.
     pub fn get_attempt_timeout(&self) -> Option<Duration> {
         self.attempt_timeout
+    }
+
+    /// The concurrency limit, if any.
+    pub fn get_concurrency(&self) -> Option<u32> {
+        self.concurrency
+    }
+
+    /// The rate limits.
+    pub fn get_rates(&self) -> &[Rate] {
+        &self.rates
+    }
+
+    /// The breaker policy, if any.
+    pub fn get_breaker(&self) -> Option<&BreakerPolicy> {
+        self.breaker.as_ref()
+    }
+
+    /// True when something beyond the timeout needs the type's gate.
+    pub(crate) fn gated(&self) -> bool {
+        self.concurrency.is_some() || !self.rates.is_empty() || self.breaker.is_some()
+    }
+
+    /// What is wrong with these limits, if anything.
+    pub(crate) fn invalid(&self) -> Option<String> {
+        if self.attempt_timeout.is_some_and(|t| t.is_zero()) {
+            return Some("an attempt timeout of zero, which would fail every attempt; give it more than zero".into());
+        }
+        if self.concurrency == Some(0) {
+            return Some(
+                "a concurrency of zero, which would run nothing; give it at least 1".into(),
+            );
+        }
+        if let Some(rate) = self.rates.iter().find(|r| !r.is_valid()) {
+            return Some(format!("the rate {rate:?}, which lets nothing through; give it a count and a period of at least 1 ms"));
+        }
+        self.breaker
+            .as_ref()
+            .and_then(BreakerPolicy::invalid)
+            .map(str::to_string)
     }
 }
 

@@ -22,6 +22,7 @@
 //! [`core::effect`](crate::core::effect).
 
 mod executor;
+mod limits;
 mod query;
 mod workers;
 

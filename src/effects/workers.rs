@@ -32,6 +32,7 @@ use crate::store::{Op, Store};
 use crate::telemetry::Stats;
 
 use super::executor::Registered;
+use super::limits::{Parked, Ticket, TypeGate};
 use super::query::find;
 use crate::core::effect::{
     feedback_id, EffectContext, EffectError, EffectKey, EffectRecord, EffectStatus,
@@ -57,8 +58,10 @@ pub(crate) struct Effects {
     feeds: [LaneFeed; LANES],
     /// Active lanes, by entity.
     lanes: Mutex<HashMap<(String, String), LaneState>>,
-    /// Independent effects being performed, by outbox key.
+    /// Independent effects being performed (or parked), by outbox key.
     independent: Mutex<HashSet<Vec<u8>>>,
+    /// The gates of effect types with limits, by name.
+    type_gates: HashMap<&'static str, Arc<TypeGate>>,
 }
 
 impl fmt::Debug for Effects {
@@ -79,6 +82,8 @@ struct LaneState {
     pins: u32,
     /// Woken when a pin is taken off.
     unpinned: Arc<Notify>,
+    /// Parked behind an effect type's gate: no worker runs; the type's waker starts one.
+    parked: bool,
 }
 
 /// A message's claim on its entity's effect worker, taken before its commit, so that the
@@ -107,6 +112,16 @@ impl Drop for Pin {
             unpinned.notify_one();
         }
     }
+}
+
+/// How one effect's attempts ended for now.
+enum Performed {
+    /// Done, failed or dead-lettered.
+    Ended,
+    /// It waits for a later wake (no executor, a store error).
+    Wait,
+    /// Its type holds it back: park its work behind that gate, in that lane.
+    Park(Arc<TypeGate>, Priority),
 }
 
 /// The lane feedback is delivered in.
@@ -149,6 +164,11 @@ impl Effects {
             },
             shared.clone(),
         );
+        let type_gates: HashMap<&'static str, Arc<TypeGate>> = executors
+            .iter()
+            .filter(|(_, r)| r.limits.gated())
+            .map(|(name, r)| (*name, TypeGate::new(name, &r.limits, shared.clone())))
+            .collect();
         let effects = Arc::new(Self {
             handle: runtime.handle().clone(),
             runtime: Mutex::new(Some(runtime)),
@@ -161,9 +181,15 @@ impl Effects {
             feeds: Default::default(),
             lanes: Mutex::new(HashMap::new()),
             independent: Mutex::new(HashSet::new()),
+            type_gates,
         });
         for lane in Priority::ALL {
             effects.handle.spawn(effects.clone().feed(lane));
+        }
+        for gate in effects.type_gates.values() {
+            let this = effects.clone();
+            let resume = move |parked, lane, ticket| this.clone().resume(parked, lane, ticket);
+            effects.handle.spawn(gate.clone().serve(resume));
         }
         Ok(effects)
     }
@@ -250,16 +276,75 @@ impl Effects {
                 more: false,
                 pins: 0,
                 unpinned: unpinned.clone(),
+                parked: false,
             };
             lanes.insert(id.clone(), state);
         }
+        self.spawn_lane(id, slot, unpinned, None);
+    }
+
+    fn spawn_lane(
+        self: &Arc<Self>,
+        id: (String, String),
+        slot: Slot,
+        unpinned: Arc<Notify>,
+        ticket: Option<Ticket>,
+    ) {
         Stats::bump(&self.shared.stats.effect_lanes);
         let this = self.clone();
         self.handle
-            .spawn(async move { this.lane(id, slot, unpinned).await });
+            .spawn(async move { this.lane(id, slot, unpinned, ticket).await });
     }
 
-    async fn lane(self: Arc<Self>, id: (String, String), slot: Slot, unpinned: Arc<Notify>) {
+    /// Gives work parked behind an effect type a worker again, with the admission its
+    /// type's waker took for it. False once the workers are closing.
+    async fn resume(self: Arc<Self>, parked: Parked, lane: Priority, ticket: Ticket) -> bool {
+        let id = match &parked {
+            Parked::Lane(id) | Parked::Independent(_, id) => id.clone(),
+        };
+        let Some(origin) = self.origin(&id.0) else {
+            return true;
+        };
+        let Some(slot) = self.lane_gate.acquire(origin, &id.1, lane).await else {
+            return false;
+        };
+        match parked {
+            Parked::Lane(id) => {
+                let unpinned = {
+                    let mut lanes = self.lanes.lock();
+                    let state = lanes.entry(id.clone()).or_default();
+                    state.parked = false;
+                    state.unpinned.clone()
+                };
+                self.spawn_lane(id, slot, unpinned, Some(ticket));
+            }
+            Parked::Independent(outbox_key, _) => {
+                let record = match self.store.get(&outbox_key) {
+                    Ok(Some(bytes)) => codec::decode::<EffectRecord>("effect record", &bytes).ok(),
+                    _ => None,
+                };
+                match record {
+                    Some(record) if !record.info.status.finished() => {
+                        self.spawn_independent(outbox_key, record, slot, Some(ticket));
+                    }
+                    // Gone (requeue races aside, nothing else ends a parked effect): it
+                    // leaves the set of independent effects at work.
+                    _ => {
+                        self.independent.lock().remove(&outbox_key);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    async fn lane(
+        self: Arc<Self>,
+        id: (String, String),
+        slot: Slot,
+        unpinned: Arc<Notify>,
+        mut ticket: Option<Ticket>,
+    ) {
         let prefix = keys::entity_prefix(Space::Outbox, &id.0, &id.1);
         loop {
             let batch = match self.pending(&prefix, false) {
@@ -272,11 +357,24 @@ impl Effects {
             };
             let mut progressed = false;
             for (outbox_key, record) in batch {
-                match self.clone().perform(&outbox_key, record).await {
-                    Ok(()) => progressed = true,
-                    Err(()) => break,
+                match self.clone().perform(&outbox_key, record, &mut ticket).await {
+                    Performed::Ended => progressed = true,
+                    Performed::Wait => break,
+                    Performed::Park(gate, lane) => {
+                        // Marked parked before it is queued, so the waker finds it parked.
+                        if let Some(state) = self.lanes.lock().get_mut(&id) {
+                            state.parked = true;
+                            state.more = false;
+                        }
+                        gate.park(Parked::Lane(id), lane);
+                        drop(slot);
+                        Stats::drop_one(&self.shared.stats.effect_lanes);
+                        self.shared.stats.notify();
+                        return;
+                    }
                 }
             }
+            drop(ticket.take());
             if !progressed {
                 {
                     let mut lanes = self.lanes.lock();
@@ -325,6 +423,13 @@ impl Effects {
         }
     }
 
+    /// The limits counters of every effect type with limits, in name order.
+    pub(crate) fn type_stats(&self) -> Vec<crate::telemetry::EffectTypeStats> {
+        let mut out: Vec<_> = self.type_gates.values().map(|g| g.stats()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Runs one independent effect with its worker slot, unless it runs already.
     fn start_one_independent(
         self: &Arc<Self>,
@@ -335,11 +440,32 @@ impl Effects {
         if !self.independent.lock().insert(outbox_key.clone()) {
             return;
         }
+        self.spawn_independent(outbox_key, record, slot, None);
+    }
+
+    /// Runs one independent effect (already in the set of those at work) with its worker
+    /// slot; parked behind its type, it stays in that set and gives the slot back.
+    fn spawn_independent(
+        self: &Arc<Self>,
+        outbox_key: Vec<u8>,
+        record: EffectRecord,
+        slot: Slot,
+        mut ticket: Option<Ticket>,
+    ) {
         let this = self.clone();
         Stats::bump(&self.shared.stats.effect_lanes);
         self.handle.spawn(async move {
-            let _ = this.clone().perform(&outbox_key, record).await;
-            this.independent.lock().remove(&outbox_key);
+            let id = (
+                record.info.effect_key.entity.clone(),
+                record.info.effect_key.key.clone(),
+            );
+            let performed = this.clone().perform(&outbox_key, record, &mut ticket).await;
+            match performed {
+                Performed::Park(gate, lane) => gate.park(Parked::Independent(outbox_key, id), lane),
+                Performed::Ended | Performed::Wait => {
+                    this.independent.lock().remove(&outbox_key);
+                }
+            }
             drop(slot);
             Stats::drop_one(&this.shared.stats.effect_lanes);
             this.shared.stats.notify();
@@ -476,13 +602,30 @@ impl Effects {
         Ok(out)
     }
 
-    /// Performs one effect through its attempts. `Ok` when it reached an end (done, failed,
-    /// dead-lettered); `Err` when it must wait for a later wake (no executor, store error).
+    /// Performs one effect through its attempts, with `ticket` (an admission its type's
+    /// waker took) for the first if it is of that type.
     async fn perform(
         self: Arc<Self>,
         outbox_key: &[u8],
+        record: EffectRecord,
+        ticket: &mut Option<Ticket>,
+    ) -> Performed {
+        match self.attempts(outbox_key, record, ticket).await {
+            Ok(None) => Performed::Ended,
+            Ok(Some((gate, lane))) => Performed::Park(gate, lane),
+            Err(()) => Performed::Wait,
+        }
+    }
+
+    /// The attempts of one effect. `Ok(None)` when it reached an end (done, failed,
+    /// dead-lettered); `Ok(Some(gate, lane))` when its type holds it back (park it there);
+    /// `Err` when it must wait for a later wake (no executor, store error).
+    async fn attempts(
+        self: &Arc<Self>,
+        outbox_key: &[u8],
         mut record: EffectRecord,
-    ) -> Result<(), ()> {
+        ticket: &mut Option<Ticket>,
+    ) -> Result<Option<(Arc<TypeGate>, Priority)>, ()> {
         let Some(executor) = self.executors.get(record.info.name.as_str()) else {
             tracing::error!(target: "keystead", effect = %record.info.name,
                 "no executor registered for this effect type; it waits in the outbox. Register it with RuntimeBuilder::executor");
@@ -493,8 +636,23 @@ impl Effects {
             effect = %record.info.name, effect_key = %record.info.effect_key,
             correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
             status = tracing::field::Empty);
+        let type_gate = self.type_gates.get(record.info.name.as_str());
         loop {
             let lane = self.lane_of(outbox_key);
+            // The type's admission first, without waiting: held back, the effect parks.
+            let mut admitted = match type_gate {
+                None => None,
+                Some(gate) => match ticket.take() {
+                    Some(t) if Arc::ptr_eq(t.gate(), gate) => Some(t),
+                    other => {
+                        drop(other);
+                        match gate.try_admit(lane) {
+                            Some(t) => Some(t),
+                            None => return Ok(Some((gate.clone(), lane))),
+                        }
+                    }
+                },
+            };
             let Some(_permit) = self
                 .gate
                 .acquire(executor.origin, &record.info.effect_key.key, lane)
@@ -531,6 +689,9 @@ impl Effects {
                     }),
             };
             drop(_permit);
+            let failed = matches!(result, Err(EffectError::Retryable(_)));
+            let breaker_open = admitted.as_mut().is_some_and(|t| t.ended(failed));
+            drop(admitted);
             match result {
                 Ok(feedback) => {
                     self.transition(&mut record, EffectStatus::Done, None);
@@ -565,7 +726,7 @@ impl Effects {
                         self.shared
                             .accepted(&key.entity, &key.key, FEEDBACK_LANE, seq);
                     }
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(EffectError::Permanent(reason)) => {
                     self.transition(&mut record, EffectStatus::Failed, Some(reason.clone()));
@@ -575,10 +736,10 @@ impl Effects {
                     self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_failed);
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect failed permanently");
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(EffectError::Retryable(reason))
-                    if record.info.attempts >= self.retry.get_attempts_max() =>
+                    if !breaker_open && record.info.attempts >= self.retry.get_attempts_max() =>
                 {
                     self.transition(
                         &mut record,
@@ -591,7 +752,17 @@ impl Effects {
                     self.finished(outbox_key, &record);
                     Stats::bump(&self.shared.stats.effects_dead_lettered);
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect dead-lettered");
-                    return Ok(());
+                    return Ok(None);
+                }
+                Err(EffectError::Retryable(reason)) if breaker_open => {
+                    // The provider's failure, not the effect's: not counted, and no backoff
+                    // (the next attempt waits for the breaker, parked).
+                    record.info.attempts = record.info.attempts.saturating_sub(1);
+                    self.transition(&mut record, EffectStatus::Pending, Some(reason));
+                    self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
+                        .await?;
+                    Stats::bump(&self.shared.stats.effect_retries);
+                    self.shared.stats.notify();
                 }
                 Err(EffectError::Retryable(reason)) => {
                     self.transition(&mut record, EffectStatus::Pending, Some(reason.clone()));
@@ -641,6 +812,10 @@ impl Effects {
     /// from sequence `from_seq` on) the effects not yet found (their stored raise and index
     /// entries are written by the entity's `prioritise`).
     pub(crate) fn raise(&self, entity: &'static str, key: &str, lane: Priority, from_seq: u64) {
+        let id = (entity.to_string(), key.to_string());
+        for gate in self.type_gates.values() {
+            gate.raise(&id, lane);
+        }
         self.gate.raise(entity, key, lane);
         self.lane_gate.raise(entity, key, lane);
         if from_seq != u64::MAX {

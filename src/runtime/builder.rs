@@ -387,15 +387,13 @@ impl RuntimeBuilder {
                 &format!("limits are set for effect type {name:?}, which has no executor; register one with RuntimeBuilder::executor or async_executor"),
             );
         }
-        if let Some((name, _)) = self
-            .effect_limits
+        let mut limits: Vec<_> = self.effect_limits.iter().collect();
+        limits.sort_by_key(|(name, _)| **name);
+        if let Some((name, why)) = limits
             .iter()
-            .find(|(_, l)| l.get_attempt_timeout().is_some_and(|t| t.is_zero()))
+            .find_map(|(name, l)| l.invalid().map(|why| (name, why)))
         {
-            return invalid(
-                "effect_limits",
-                &format!("effect type {name:?} has an attempt timeout of zero, which would fail every attempt; give it more than zero"),
-            );
+            return invalid("effect_limits", &format!("effect type {name:?} has {why}"));
         }
         if self.effect_lanes_max == 0 || self.effect_lanes_max > 1 << 20 {
             return invalid("effect_lanes_max", "must be between 1 and 1048576");
@@ -531,7 +529,7 @@ impl RuntimeBuilder {
         let mut executors = std::mem::take(&mut self.executors);
         for (name, limits) in &self.effect_limits {
             if let Some(registered) = executors.get_mut(name) {
-                registered.limits = *limits;
+                registered.limits = limits.clone();
             }
         }
         let effects = Effects::start(

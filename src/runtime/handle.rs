@@ -100,6 +100,7 @@ impl Runtime {
             stats.effect_priorities[lane.index()].pending = effects;
             stats.effect_priorities[lane.index()].pending_bytes = effect_bytes;
         }
+        stats.effect_types = self.inner.effects.type_stats();
         stats
     }
 
@@ -118,14 +119,20 @@ impl Runtime {
     }
 
     /// Waits until every admitted message has finished, the inbox recovered at open has
-    /// been handed to its entities, and no effect is being performed or waiting to retry. Messages that cannot be processed now (an unregistered
-    /// type, an undecodable state) stay in the inbox and do not hold this up.
+    /// been handed to its entities, and no effect is being performed, waiting to retry or
+    /// waiting for its type's concurrency or rate limit. Messages that cannot be processed
+    /// now (an unregistered type, an undecodable state) stay in the inbox and do not hold
+    /// this up, and neither do effects parked behind an open circuit breaker (they wait for
+    /// the outside world; see [`RuntimeStats::effect_type`]).
     pub async fn idle(&self) {
         let stats = &self.inner.shared.stats;
         self.wait_until(|s| {
             s.in_flight == 0
                 && s.effect_lanes == 0
                 && stats.feeds_behind.load(Ordering::Acquire) == 0
+                && s.effect_types.iter().all(|t| {
+                    t.running == 0 && (t.parked == 0 || t.breaker != crate::BreakerState::Closed)
+                })
         })
         .await;
     }
