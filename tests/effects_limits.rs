@@ -217,7 +217,10 @@ fn limits_that_would_let_nothing_through_are_refused_at_open() {
     use keystead::{BreakerPolicy, Rate};
     let dir = tempfile::tempdir().unwrap();
     let refusals = [
-        (EffectLimits::default().concurrency(0), "concurrency of zero"),
+        (
+            EffectLimits::default().concurrency(0),
+            "concurrency of zero",
+        ),
         (
             EffectLimits::default().rate(Rate::new(0, Duration::from_secs(1))),
             "rate",
