@@ -178,6 +178,7 @@ impl<'a> Context<'a> {
             name: T::NAME,
             origin: <T::Origin as Entity>::NAME,
             independent: T::INDEPENDENT,
+            coalesce: T::COALESCE,
             index,
             payload: crate::core::codec::encode(&effect),
         });
@@ -234,6 +235,15 @@ pub trait Effect: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'sta
     /// Independent effects may run before earlier effects of the same entity finish.
     /// Default: false, effects of one entity run in the order they were recorded.
     const INDEPENDENT: bool = false;
+    /// Coalescing effects keep only the latest: when a message records one, every effect of
+    /// the same type for the same entity that has not started yet (pending, not being
+    /// attempted) is *superseded* in the same atomic batch: moved to the effect history
+    /// with status [`Superseded`](crate::EffectStatus::Superseded), never run. So "enrich
+    /// this product with its latest data" runs once per burst of updates, and the outbox
+    /// holds one such effect per entity, not one per write. An effect already started
+    /// (running, or waiting to retry) is never replaced; the new one runs after it.
+    /// Default: false.
+    const COALESCE: bool = false;
     /// The entity type that records this effect and receives its feedback.
     type Origin: Entity;
 }

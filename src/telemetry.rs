@@ -85,6 +85,9 @@ pub struct RuntimeStats {
     pub effects_failed: u64,
     /// Effects whose attempts ran out.
     pub effects_dead_lettered: u64,
+    /// Effects superseded by a newer one of their coalescing type before they started
+    /// ([`Effect::COALESCE`](crate::Effect::COALESCE)).
+    pub effects_superseded: u64,
     /// Effect retries scheduled.
     pub effect_retries: u64,
     /// Write requests committed (one per message step, acceptance or admin action).
@@ -270,6 +273,7 @@ pub(crate) struct Stats {
     pub effects_done: AtomicU64,
     pub effects_failed: AtomicU64,
     pub effects_dead_lettered: AtomicU64,
+    pub effects_superseded: AtomicU64,
     pub effect_retries: AtomicU64,
     /// Lane feeders (one per shard and lane) that have not read everything accepted.
     pub feeds_behind: AtomicU64,
@@ -324,6 +328,7 @@ impl Stats {
             effects_done: get(&self.effects_done),
             effects_failed: get(&self.effects_failed),
             effects_dead_lettered: get(&self.effects_dead_lettered),
+            effects_superseded: get(&self.effects_superseded),
             effect_retries: get(&self.effect_retries),
             commits: 0,
             commit_batches: 0,

@@ -128,6 +128,11 @@ pub enum EffectStatus {
     Failed,
     /// Every attempt failed; can be requeued.
     DeadLettered,
+    /// Replaced, before it started, by a newer effect of the same coalescing type for the
+    /// same entity ([`Effect::COALESCE`](crate::Effect::COALESCE)); never run. Its
+    /// `last_error` names the effect that replaced it. (Appended last: records written
+    /// before it existed still decode.)
+    Superseded,
 }
 
 impl EffectStatus {
@@ -143,13 +148,17 @@ impl EffectStatus {
                 | (Running, Failed)
                 | (Running, DeadLettered)
                 | (DeadLettered, Pending)
+                | (Pending, Superseded)
         )
     }
 
     pub(crate) fn finished(self) -> bool {
         matches!(
             self,
-            EffectStatus::Done | EffectStatus::Failed | EffectStatus::DeadLettered
+            EffectStatus::Done
+                | EffectStatus::Failed
+                | EffectStatus::DeadLettered
+                | EffectStatus::Superseded
         )
     }
 }
@@ -166,7 +175,8 @@ pub struct EffectInfo {
     pub status: EffectStatus,
     /// Attempts started so far.
     pub attempts: u32,
-    /// The last error, if an attempt failed.
+    /// The last error, if an attempt failed; for a superseded effect, the key of the
+    /// effect that replaced it.
     pub last_error: Option<String>,
     /// The correlation id of the message that recorded it.
     pub correlation_id: String,
@@ -190,6 +200,7 @@ pub(crate) struct Recorded {
     pub name: &'static str,
     pub origin: &'static str,
     pub independent: bool,
+    pub coalesce: bool,
     pub index: u32,
     pub payload: Result<Vec<u8>, String>,
 }

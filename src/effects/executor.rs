@@ -179,6 +179,8 @@ pub(crate) struct Registered {
     pub origin: &'static str,
     pub(crate) run: Arc<dyn Fn(Vec<u8>, EffectContext) -> Running + Send + Sync>,
     pub(crate) limits: EffectLimits,
+    /// `Effect::COALESCE` of the type.
+    pub(crate) coalesce: bool,
 }
 
 impl Registered {
@@ -187,6 +189,7 @@ impl Registered {
         Self {
             origin: <T::Origin as Entity>::NAME,
             limits: EffectLimits::default(),
+            coalesce: T::COALESCE,
             run: Arc::new(move |payload, ctx| {
                 let executor = executor.clone();
                 joined(tokio::task::spawn_blocking(move || {
@@ -202,6 +205,7 @@ impl Registered {
         Self {
             origin: <T::Origin as Entity>::NAME,
             limits: EffectLimits::default(),
+            coalesce: T::COALESCE,
             run: Arc::new(move |payload, ctx| {
                 let executor = executor.clone();
                 joined(tokio::spawn(async move {

@@ -21,6 +21,7 @@
 //! The pure record of an effect (its key, status table, outbox record) is
 //! [`core::effect`](crate::core::effect).
 
+mod coalesce;
 mod executor;
 mod limits;
 mod query;
@@ -29,6 +30,7 @@ mod workers;
 pub(crate) use crate::core::effect::EffectRecord;
 pub use crate::core::effect::{EffectContext, EffectError, EffectInfo, EffectKey, EffectStatus};
 pub use crate::entity::{Effect, Feedback};
+pub(crate) use coalesce::Superseding;
 pub(crate) use executor::Registered;
 pub use executor::{AsyncExecutor, EffectLimits, Executor};
 pub(crate) use query::{find, of_entity};

@@ -31,6 +31,7 @@ use crate::runtime::shared::Shared;
 use crate::store::{Op, Store};
 use crate::telemetry::Stats;
 
+use super::coalesce::Coalescer;
 use super::executor::Registered;
 use super::limits::{Parked, Ticket, TypeGate};
 use super::query::find;
@@ -62,6 +63,8 @@ pub(crate) struct Effects {
     independent: Mutex<HashSet<Vec<u8>>>,
     /// The gates of effect types with limits, by name.
     type_gates: HashMap<&'static str, Arc<TypeGate>>,
+    /// Which coalescing effects are being attempted or superseded, per entity.
+    coalescer: Coalescer,
 }
 
 impl fmt::Debug for Effects {
@@ -182,6 +185,7 @@ impl Effects {
             lanes: Mutex::new(HashMap::new()),
             independent: Mutex::new(HashSet::new()),
             type_gates,
+            coalescer: Coalescer::default(),
         });
         for lane in Priority::ALL {
             effects.handle.spawn(effects.clone().feed(lane));
@@ -192,6 +196,18 @@ impl Effects {
             effects.handle.spawn(gate.clone().serve(resume));
         }
         Ok(effects)
+    }
+
+    pub(crate) fn coalescer(&self) -> &Coalescer {
+        &self.coalescer
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// True when an executor is registered for effect `name` recorded by entity `origin`.
@@ -637,6 +653,16 @@ impl Effects {
             correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
             status = tracing::field::Empty);
         let type_gate = self.type_gates.get(record.info.name.as_str());
+        // A coalescing effect is marked as started before its first attempt, so no message
+        // supersedes it from here on; one superseded already is skipped.
+        let _current = if executor.coalesce {
+            match self.start_coalescing(outbox_key, &record)? {
+                Some(current) => Some(current),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
         loop {
             let lane = self.lane_of(outbox_key);
             // The type's admission first, without waiting: held back, the effect parks.

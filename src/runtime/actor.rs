@@ -623,6 +623,15 @@ impl<E: Entity> EntityActor<E> {
                     matches!(&verdict, Verdict::Applied { effects, .. } if !effects.is_empty());
                 let has_independent = matches!(&verdict,
                     Verdict::Applied { effects, .. } if effects.iter().any(|e| e.independent));
+                // Coalescing effects recorded: (type, index) of each.
+                let coalescing: Vec<(&'static str, u32)> = match &verdict {
+                    Verdict::Applied { effects, .. } => effects
+                        .iter()
+                        .filter(|e| e.coalesce)
+                        .map(|e| (e.name, e.index))
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 let effects_need = match &verdict {
                     Verdict::Applied { effects, .. } if !effects.is_empty() => Some((
                         effects.len() as u64,
@@ -661,7 +670,7 @@ impl<E: Entity> EntityActor<E> {
                         index_effects: pin.is_none(),
                     },
                 );
-                let (ops, outcome) = match planned {
+                let (mut ops, outcome) = match planned {
                     Ok(Some(planned)) => planned,
                     Ok(None) => unreachable!("retry and conflict are handled above"),
                     Err(reason) => {
@@ -673,6 +682,14 @@ impl<E: Entity> EntityActor<E> {
                         return self.fail(work, error);
                     }
                 };
+                // The effects they replace leave the outbox in the same batch.
+                let mut superseding = match self.supersede(&work, &coalescing, now) {
+                    Ok(superseding) => superseding,
+                    Err(e) => return self.fail(work, e),
+                };
+                if let Some(superseding) = superseding.as_mut() {
+                    ops.append(&mut superseding.ops);
+                }
                 let next = match verdict {
                     Verdict::Applied { next, .. } => Some(next),
                     _ => None,
@@ -697,6 +714,9 @@ impl<E: Entity> EntityActor<E> {
                         Ok(()) => {
                             if let Some(room) = room {
                                 room.keep();
+                            }
+                            if let Some(superseding) = superseding {
+                                superseding.landed();
                             }
                             if has_effects && pin.is_none() {
                                 let lane = work.priority;
@@ -724,6 +744,34 @@ impl<E: Entity> EntityActor<E> {
                 }));
             }
         }
+    }
+
+    /// The effects of this entity that the coalescing effects a message records
+    /// (`coalescing`: type and index) supersede (see `Effect::COALESCE`).
+    fn supersede(
+        &self,
+        work: &Work<E>,
+        coalescing: &[(&'static str, u32)],
+        now_ms: u64,
+    ) -> Result<Option<crate::effects::Superseding>, SubmitError> {
+        if coalescing.is_empty() {
+            return Ok(None);
+        }
+        let by: Vec<(&str, crate::effects::EffectKey)> = coalescing
+            .iter()
+            .map(|(name, index)| {
+                let new = crate::effects::EffectKey::new(
+                    E::NAME,
+                    self.key.as_str(),
+                    work.meta.message_id.as_str(),
+                    *index,
+                );
+                (*name, new)
+            })
+            .collect();
+        self.effects
+            .supersede(E::NAME, &self.key, &by, now_ms)
+            .map_err(|e| self.submit_error(e))
     }
 
     /// Room in the outbox for the effects a message records (`need`: how many, and their

@@ -69,7 +69,7 @@ pub(crate) fn purge_expired(inner: &Inner) -> Result<u64, StoreError> {
             removed += 1;
         }
     }
-    // Finished effects (done or failed) leave the history after the same window; dead
+    // Finished effects (done, failed or superseded) leave the history after the same window; dead
     // letters stay until an operator requeues or inspects them.
     for entry in inner.store.scan_prefix(&[Space::EffectHistory as u8])? {
         let (key, value) = entry?;
@@ -78,7 +78,9 @@ pub(crate) fn purge_expired(inner: &Inner) -> Result<u64, StoreError> {
         };
         let finished = matches!(
             record.info.status,
-            effects::EffectStatus::Done | effects::EffectStatus::Failed
+            effects::EffectStatus::Done
+                | effects::EffectStatus::Failed
+                | effects::EffectStatus::Superseded
         );
         let age_ms = now.saturating_sub(record.info.updated_at_ms);
         if finished && age_ms > retention_ms && inner.store.remove_if_unchanged(&key, &value)? {
