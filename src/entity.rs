@@ -240,8 +240,9 @@ pub trait Effect: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'sta
     /// attempted) is *superseded* in the same atomic batch: moved to the effect history
     /// with status [`Superseded`](crate::EffectStatus::Superseded), never run. So "enrich
     /// this product with its latest data" runs once per burst of updates, and the outbox
-    /// holds one such effect per entity, not one per write. An effect already started
-    /// (running, or waiting to retry) is never replaced; the new one runs after it.
+    /// holds one such effect per entity, not one per write. An effect whose attempt is
+    /// under way is never replaced (the new one runs after it); one waiting to retry, or
+    /// parked behind its type's limits, is.
     /// Default: false.
     const COALESCE: bool = false;
     /// The entity type that records this effect and receives its feedback.

@@ -145,6 +145,11 @@ pub struct EffectTypeStats {
     pub parked: u64,
     /// Times work parked, since open.
     pub parks: u64,
+    /// Times parked work was handed an admission and a worker again.
+    pub resumed: u64,
+    /// While the breaker is open: when its cool-down ends, ms since the epoch on the
+    /// runtime clock (0 otherwise).
+    pub breaker_open_until_ms: u64,
     /// Retryable failures not counted against their effect's attempts because the breaker
     /// was open after them (the provider's failure, not the effect's).
     pub attempts_uncounted: u64,

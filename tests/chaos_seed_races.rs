@@ -18,6 +18,7 @@ use keystead::{
     Context, Effect, EffectContext, Entity, Failure, FailureKind, Outcome, Recorded, SubmitError,
 };
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
 
 const SEEDS: u64 = 200;
 
@@ -585,4 +586,206 @@ async fn overlapping_cron_runs_bill_each_account_once() {
             .await;
         assert_exercised(&report, true, backend);
     }
+}
+
+// ---- The seventh race: the enrichment outage ---------------------------------------------
+
+/// The fast path owns the price.
+struct FastPath;
+
+impl keystead::merge::Owner for FastPath {
+    const PATH: &'static str = "fast";
+}
+
+/// A catalog product: the fast path writes name and price, the slow enrichment its details,
+/// each field stamped with the source version it came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Product {
+    name: keystead::merge::Newest<String>,
+    price_cents: keystead::merge::Owned<u64, FastPath>,
+    details: keystead::merge::Newest<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum ProductCmd {
+    Upsert {
+        name: String,
+        price_cents: u64,
+        version: u64,
+    },
+    Enriched {
+        details: String,
+        price_cents: u64,
+        version: u64,
+    },
+}
+
+/// Enrichment through the slow outside API: only the latest data is worth sending.
+#[derive(Debug, Serialize, Deserialize)]
+struct Enrich {
+    name: String,
+    version: u64,
+}
+
+impl Effect for Enrich {
+    const NAME: &'static str = "enrich";
+    const COALESCE: bool = true;
+    type Origin = ProductEntity;
+}
+
+struct ProductEntity;
+
+impl Entity for ProductEntity {
+    const NAME: &'static str = "product";
+    type State = Product;
+    type Command = ProductCmd;
+    type Reply = ();
+    type Error = Never;
+
+    fn handle(p: &mut Product, cmd: &ProductCmd, ctx: &mut Context<'_>) -> Result<(), Never> {
+        match cmd {
+            ProductCmd::Upsert {
+                name,
+                price_cents,
+                version,
+            } => {
+                p.name.set(name.clone(), *version);
+                let _ = p.price_cents.set("fast", *price_cents, *version);
+                ctx.effect(Enrich {
+                    name: name.clone(),
+                    version: *version,
+                });
+            }
+            ProductCmd::Enriched {
+                details,
+                price_cents,
+                version,
+            } => {
+                p.details.set(details.clone(), *version);
+                // Refused: only the fast path writes the price.
+                let _ = p.price_cents.set("enrichment", *price_cents, *version);
+            }
+        }
+        Ok(())
+    }
+}
+
+const PRODUCTS: u64 = 4;
+const VERSIONS: u64 = 3;
+
+/// Enrichments performed in all runs of the outage race, and the runs (to bound the
+/// average: with coalescing, about one per product per run).
+static ENRICHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The catalog alone, its enrichment behind a circuit breaker (two failures in a row open
+/// it; each runtime instance then costs an effect at most one counted failure, three
+/// instances at most three, under the five attempts allowed).
+fn catalog(backend: Backend) -> Chaos {
+    Chaos::new(|builder, ledger| {
+        builder
+            .register::<ProductEntity>()
+            .executor(ledger.executor_with(|e: &Enrich, _: &EffectContext| {
+                Some(ProductCmd::Enriched {
+                    details: format!("spec sheet of {} (v{})", e.name, e.version),
+                    price_cents: 1,
+                    version: e.version,
+                })
+            }))
+            .effect_limits::<Enrich>(
+                keystead::EffectLimits::default().breaker(
+                    keystead::BreakerPolicy::consecutive(2)
+                        .cool_down(std::time::Duration::from_secs(30)),
+                ),
+            )
+    })
+    .seeds(SEEDS)
+    .backend(backend)
+    .outage()
+}
+
+/// Seed text (the fast/slow pipelines): the enrichment service is down while products keep
+/// arriving and changing. No enrichment is dead-lettered; every product ends enriched with
+/// its newest data, exactly once for that data (older data is superseded unless its attempt
+/// was already under way); no fast-path field is clobbered by the slow result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrichment_outage_dead_letters_nothing_and_enriches_the_newest() {
+    for backend in Backend::available() {
+        let report = catalog(backend)
+            .order_dependent()
+            .check(|run| {
+                if let Some(dead) = run.effect_dead_letters().first() {
+                    return Err(format!("an enrichment was dead-lettered: {dead}"));
+                }
+                for i in 0..PRODUCTS {
+                    let key = format!("p-{i}");
+                    let snap = run
+                        .state::<ProductEntity>(&key)
+                        .ok_or_else(|| format!("no state for {key}"))?;
+                    let p = &snap.state;
+                    let newest = format!("Lamp {i} mk{VERSIONS}");
+                    assert_eq!(p.name.get(), Some(&newest), "{key}: {p:?}");
+                    assert_eq!(
+                        p.price_cents.get(),
+                        Some(&(1_000 * i + VERSIONS)),
+                        "{key}: the fast path's newest price, not the API's: {p:?}"
+                    );
+                    assert_eq!(
+                        p.details.get(),
+                        Some(&format!("spec sheet of {newest} (v{VERSIONS})")),
+                        "{key}: enriched from its newest data: {p:?}"
+                    );
+                    let enriched: Vec<_> = run
+                        .performed()
+                        .iter()
+                        .filter(|e| e.effect == "enrich" && e.key == key)
+                        .collect();
+                    let newest_runs = enriched
+                        .iter()
+                        .filter(|e| e.payload.contains(&format!("version: {VERSIONS}")))
+                        .count();
+                    assert_eq!(
+                        newest_runs, 1,
+                        "{key}: newest data enriched once: {enriched:?}"
+                    );
+                    assert!(enriched.len() as u64 <= VERSIONS, "{key}: {enriched:?}");
+                    ENRICHED.fetch_add(enriched.len() as u64, Ordering::Relaxed);
+                }
+                RUNS.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+            .run(|s| {
+                for v in 1..=VERSIONS {
+                    for i in 0..PRODUCTS {
+                        let cmd = ProductCmd::Upsert {
+                            name: format!("Lamp {i} mk{v}"),
+                            price_cents: 1_000 * i + v,
+                            version: v,
+                        };
+                        s.tell::<ProductEntity>(format!("p-{i}"), cmd)
+                            .id(format!("upsert-p-{i}-v{v}"))
+                            .version(v);
+                    }
+                }
+            })
+            .await;
+        assert_exercised(&report, true, backend);
+        assert!(
+            report.replayed_seed.is_some() || report.outage_calls > report.seeds,
+            "the outage was met: {report}"
+        );
+    }
+    // Coalesced: the writes made while the breaker was open were enriched once, with the
+    // newest data (only an attempt already under way when a newer write came is kept).
+    let (enriched, runs) = (
+        ENRICHED.load(Ordering::Relaxed),
+        RUNS.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "outage race: {enriched} enrichments performed in {runs} runs of {PRODUCTS} products"
+    );
+    assert!(
+        enriched * 10 <= runs * PRODUCTS * 13,
+        "{enriched} enrichments in {runs} runs of {PRODUCTS} products: not coalesced"
+    );
 }

@@ -248,6 +248,11 @@ impl Breaker {
         self.state
     }
 
+    /// When an open breaker's cool-down ends (`None` unless open).
+    pub(crate) fn open_until_ms(&self) -> Option<u64> {
+        (self.state == BreakerState::Open).then_some(self.open_until_ms)
+    }
+
     fn go(&mut self, to: BreakerState, moves: &mut Vec<Move>) {
         debug_assert!(
             can_move(self.state, to),

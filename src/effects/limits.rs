@@ -56,6 +56,7 @@ struct State {
 #[derive(Debug, Default)]
 struct Counters {
     parks: AtomicU64,
+    resumed: AtomicU64,
     probes: AtomicU64,
     uncounted: AtomicU64,
     opened: AtomicU64,
@@ -281,6 +282,12 @@ impl TypeGate {
             running: state.running as u64,
             parked: state.parked.iter().map(|q| q.len() as u64).sum(),
             parks: c.parks.load(Ordering::Relaxed),
+            resumed: c.resumed.load(Ordering::Relaxed),
+            breaker_open_until_ms: state
+                .breaker
+                .as_ref()
+                .and_then(Breaker::open_until_ms)
+                .unwrap_or(0),
             attempts_uncounted: c.uncounted.load(Ordering::Relaxed),
         }
     }
@@ -353,6 +360,8 @@ impl TypeGate {
             if ticket.probe {
                 self.counters.probes.fetch_add(1, Ordering::Relaxed);
             }
+            self.counters.resumed.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.notify();
         }
         self.moved(&moves);
         next

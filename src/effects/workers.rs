@@ -653,17 +653,17 @@ impl Effects {
             correlation_id = %record.info.correlation_id, attempt = tracing::field::Empty,
             status = tracing::field::Empty);
         let type_gate = self.type_gates.get(record.info.name.as_str());
-        // A coalescing effect is marked as started before its first attempt, so no message
-        // supersedes it from here on; one superseded already is skipped.
-        let _current = if executor.coalesce {
-            match self.start_coalescing(outbox_key, &record)? {
-                Some(current) => Some(current),
-                None => return Ok(None),
-            }
-        } else {
-            None
-        };
+        // A coalescing effect is marked as being attempted for each attempt (from before
+        // its `Running` commit to its end or its `Pending` commit), so no message supersedes
+        // it meanwhile; while it waits to retry it is unmarked, and one superseded is skipped.
+        let mut current = None;
         loop {
+            if executor.coalesce {
+                match self.start_coalescing(outbox_key, &record)? {
+                    Some(mark) => drop(current.replace(mark)),
+                    None => return Ok(None),
+                }
+            }
             let lane = self.lane_of(outbox_key);
             // The type's admission first, without waiting: held back, the effect parks.
             let mut admitted = match type_gate {
@@ -787,6 +787,7 @@ impl Effects {
                     self.transition(&mut record, EffectStatus::Pending, Some(reason));
                     self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
                         .await?;
+                    drop(current.take());
                     Stats::bump(&self.shared.stats.effect_retries);
                     self.shared.stats.notify();
                 }
@@ -800,6 +801,7 @@ impl Effects {
                     let delay = self.retry.backoff(record.info.attempts, seed);
                     tracing::debug!(target: "keystead", parent: &span, error = %reason,
                         delay_us = delay.as_micros() as u64, "effect failed; will retry");
+                    drop(current.take());
                     tokio::time::sleep(delay).await;
                 }
             }

@@ -1,7 +1,7 @@
 //! The ledger: a fake outside world for effects that honours idempotency keys, as a real
 //! payment provider or mail API must, and records what it actually performed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -45,6 +45,11 @@ struct Book {
     performed: BTreeMap<String, Performed>,
     calls: u64,
     faults: u64,
+    /// Effect keys called at least once while up: only a first call gets a fault.
+    seen: HashSet<String>,
+    /// Down for everything (`Chaos::outage`).
+    down: bool,
+    outage_calls: u64,
 }
 
 /// The outside world of one seed's run. [`Chaos`](super::Chaos) makes a fresh one per seed
@@ -137,16 +142,26 @@ impl Ledger {
         self.book.lock().calls
     }
 
-    /// Faults injected (first attempts refused or answered with a timeout).
+    /// Faults injected (first calls refused or answered with a timeout).
     pub fn faults_injected(&self) -> u64 {
         self.book.lock().faults
     }
 
-    /// The fault for this call: a pure function of the seed, the effect's origin, index,
-    /// payload and attempt, so a replay injects the same faults. Only first attempts fail,
-    /// so every effect succeeds by its second attempt.
-    fn fault(&self, ctx: &EffectContext, payload: &str) -> Fault {
-        if !self.faults || ctx.attempt() > 1 {
+    /// Calls that met the outage ([`Chaos::outage`](super::Chaos::outage)).
+    pub fn outage_calls(&self) -> u64 {
+        self.book.lock().outage_calls
+    }
+
+    pub(crate) fn set_down(&self, down: bool) {
+        self.book.lock().down = down;
+    }
+
+    /// The fault for this call: a pure function of the seed, the effect's origin, index and
+    /// payload, so a replay injects the same faults. Only the first call for an effect key
+    /// (made while the world is up) may fail, so every effect succeeds by its second call.
+    /// (Not the attempt number: a circuit breaker gives a failed attempt back.)
+    fn fault(&self, first_call: bool, ctx: &EffectContext, payload: &str) -> Fault {
+        if !self.faults || !first_call {
             return Fault::None;
         }
         let key = ctx.effect_key();
@@ -189,10 +204,17 @@ impl<T: Effect> fmt::Debug for LedgerExecutor<T> {
 impl<T: Effect> Executor<T> for LedgerExecutor<T> {
     fn execute(&self, effect: &T, ctx: &EffectContext) -> Result<Feedback<T>, EffectError> {
         let payload = format!("{effect:?}");
-        let fault = self.ledger.fault(ctx, &payload);
         {
             let mut book = self.ledger.book.lock();
             book.calls += 1;
+            if book.down {
+                book.outage_calls += 1;
+                return Err(EffectError::retryable(
+                    "injected by the testkit: the outside world is down (Chaos::outage)",
+                ));
+            }
+            let first_call = book.seen.insert(ctx.effect_key().to_string());
+            let fault = self.ledger.fault(first_call, ctx, &payload);
             if fault == Fault::Unavailable {
                 book.faults += 1;
                 return Err(EffectError::retryable(

@@ -62,7 +62,7 @@ pub use run::{AskResult, Run};
 pub use script::{Message, Script};
 
 use crate::backend::Backend;
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock};
 use crate::retry::RetryPolicy;
 use crate::runtime::{Runtime, RuntimeBuilder};
 use plan::{Delivery, Plan, Then};
@@ -93,6 +93,7 @@ pub struct Chaos {
     first_seed: u64,
     faults: Faults,
     identical: bool,
+    outage: bool,
     checks: Vec<Box<Check>>,
 }
 
@@ -127,6 +128,8 @@ pub struct Report {
     pub effect_calls: u64,
     /// Effect faults injected by the ledger.
     pub effect_faults: u64,
+    /// Calls that met the outage ([`Chaos::outage`]).
+    pub outage_calls: u64,
     /// The seed replayed on its own (`KEYSTEAD_CHAOS_SEED`), if any: then the counts above
     /// are one seed's, so skip assertions on them.
     pub replayed_seed: Option<u64>,
@@ -136,15 +139,19 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} seeds: {} deliveries ({} duplicates), {} passivations, {} restarts, {} effect calls ({} faults injected)",
+            "{} seeds: {} deliveries ({} duplicates), {} passivations, {} restarts, {} effect calls ({} faults injected",
             self.seeds,
             self.deliveries,
             self.duplicates,
             self.passivations,
             self.restarts,
             self.effect_calls,
-            self.effect_faults
-        )
+            self.effect_faults,
+        )?;
+        if self.outage_calls > 0 {
+            write!(f, ", {} during the outage", self.outage_calls)?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -171,6 +178,7 @@ impl Chaos {
             first_seed: 0,
             faults: Faults::default(),
             identical: true,
+            outage: false,
             checks: Vec::new(),
         }
     }
@@ -207,6 +215,18 @@ impl Chaos {
         check: impl Fn(&Run) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
         self.checks.push(Box::new(check));
+        self
+    }
+
+    /// The outside world (every [`Ledger`] executor) is down from the start of every run,
+    /// the calm one included, until every scripted message has been delivered: every call
+    /// fails retryably and performs nothing. Then it comes back, and the run settles. Use
+    /// it with a circuit breaker on the effect types (`EffectLimits::breaker`): the effects
+    /// must wait out the outage without being dead-lettered. To let cool-downs and rate
+    /// limits elapse, the settling moves the runtime's `ManualClock` on by an hour at a
+    /// time while effects are parked behind their limits.
+    pub fn outage(mut self) -> Self {
+        self.outage = true;
         self
     }
 
@@ -282,6 +302,7 @@ impl Chaos {
             report.restarts += run.restarts;
             report.effect_calls += run.effect_calls;
             report.effect_faults += run.effect_faults;
+            report.outage_calls += run.outage_calls;
         }
         report
     }
@@ -432,6 +453,7 @@ impl Chaos {
                 .open()
                 .map_err(|e| fail(format!("open failed: {e}"), trace))
         };
+        ledger.set_down(self.outage);
         let mut rt = open(&trace)?;
         let mut delivered = Vec::new();
         let (mut passivations, mut restarts) = (0, 0);
@@ -511,7 +533,11 @@ impl Chaos {
                 }
             }
         }
-        rt.idle().await;
+        if self.outage {
+            ledger.set_down(false);
+            trace.push("the outside world is back".to_string());
+        }
+        settle(&rt, &clock).await.map_err(|why| fail(why, &trace))?;
         // Whatever the scenario, a settled runtime has retired every accepted message and
         // finished every effect.
         let inbox = rt
@@ -545,12 +571,19 @@ impl Chaos {
                 .await
                 .map_err(|e| fail(format!("cannot list dead letters: {e}"), &trace))?;
             dead_letters.sort();
+            let mut effect_dead_letters: Vec<String> = effects
+                .iter()
+                .filter(|info| info.status == crate::effects::EffectStatus::DeadLettered)
+                .map(|info| info.effect_key.to_string())
+                .collect();
+            effect_dead_letters.sort();
             finals.push(Final {
                 entity: probe.entity,
                 key: probe.key.clone(),
                 debug,
                 snapshot,
                 dead_letters,
+                effect_dead_letters,
             });
         }
         rt.shutdown().await;
@@ -561,11 +594,48 @@ impl Chaos {
             performed: ledger.performed(),
             effect_calls: ledger.calls(),
             effect_faults: ledger.faults_injected(),
+            outage_calls: ledger.outage_calls(),
             passivations,
             restarts,
             trace,
         })
     }
+}
+
+/// Waits until the runtime is idle and no effect is parked behind its type's limits. While
+/// some are, it moves `clock` on (to the end of an open breaker's cool-down, or by an hour
+/// for a rate limit's refill) and waits until parked work is resumed.
+async fn settle(rt: &Runtime, clock: &ManualClock) -> Result<(), String> {
+    use crate::telemetry::EffectTypeStats;
+    const STEPS_MAX: u32 = 10_000;
+    let sum = |types: &[EffectTypeStats], f: fn(&EffectTypeStats) -> u64| -> u64 {
+        types.iter().map(f).sum()
+    };
+    for _ in 0..STEPS_MAX {
+        rt.idle().await;
+        let stats = rt.stats();
+        if sum(&stats.effect_types, |t| t.parked + t.running) == 0 {
+            return Ok(());
+        }
+        let resumed = sum(&stats.effect_types, |t| t.resumed);
+        let now = clock.now_ms();
+        let due = stats
+            .effect_types
+            .iter()
+            .filter(|t| t.parked > 0 && t.breaker_open_until_ms > 0)
+            .map(|t| t.breaker_open_until_ms)
+            .max();
+        let to = due.unwrap_or(now + 3_600_000).max(now + 1);
+        clock.set(to);
+        rt.wait_until(|s| {
+            sum(&s.effect_types, |t| t.resumed) > resumed || sum(&s.effect_types, |t| t.parked) == 0
+        })
+        .await;
+    }
+    Err(format!(
+        "effects still parked behind their limits after {STEPS_MAX} moves of the runtime clock: {:?}",
+        rt.stats().effect_types
+    ))
 }
 
 /// The builder every run starts from; see [`Chaos::new`].

@@ -29,6 +29,8 @@ pub(crate) struct Final {
     pub debug: String,
     pub snapshot: Box<dyn Any + Send>,
     pub dead_letters: Vec<String>,
+    /// The keys of its effects that were dead-lettered.
+    pub effect_dead_letters: Vec<String>,
 }
 
 /// The end of one run: final states, what every delivery returned, the effects the
@@ -43,6 +45,7 @@ pub struct Run {
     pub(crate) performed: Vec<Performed>,
     pub(crate) effect_calls: u64,
     pub(crate) effect_faults: u64,
+    pub(crate) outage_calls: u64,
     pub(crate) passivations: u64,
     pub(crate) restarts: u64,
     pub(crate) trace: Vec<String>,
@@ -77,6 +80,14 @@ impl Run {
             .iter()
             .filter(|f| f.entity == E::NAME && f.key == key)
             .flat_map(|f| f.dead_letters.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The effect keys of every effect dead-lettered in this run, any entity.
+    pub fn effect_dead_letters(&self) -> Vec<&str> {
+        self.finals
+            .iter()
+            .flat_map(|f| f.effect_dead_letters.iter().map(String::as_str))
             .collect()
     }
 
@@ -134,6 +145,13 @@ impl Run {
                     out,
                     "{}/{} dead letters: {:?}",
                     f.entity, f.key, f.dead_letters
+                );
+            }
+            if !f.effect_dead_letters.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "{}/{} effect dead letters: {:?}",
+                    f.entity, f.key, f.effect_dead_letters
                 );
             }
         }
