@@ -521,6 +521,166 @@ async fn effects_backlog(pending: u64, probes: u64, refresh: bool) -> Result<Mea
     Ok(measured)
 }
 
+// ---- The slow stage: limits, breaker, drain ---------------------------------------------
+
+/// An enrichment provider whose mode the scenario sets: 0 up and quick, 1 down (fails
+/// retryably at once), 2 up but slow (100 ms a call: with 32 at once, 320/s). Counts
+/// successes.
+#[derive(Clone, Default)]
+struct SlowProvider {
+    mode: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+}
+
+impl keystead::AsyncExecutor<Refresh> for SlowProvider {
+    async fn execute(
+        &self,
+        _: Refresh,
+        _: keystead::EffectContext,
+    ) -> Result<keystead::Feedback<Refresh>, keystead::EffectError> {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => return Err(keystead::EffectError::retryable("provider down")),
+            2 => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => {}
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
+        Ok(None)
+    }
+}
+
+/// The slow stage's limits in these rows: 32 calls at once, 2,000/s (a bucket of 200, so a
+/// burst after recovery is a tenth of a second's worth), a breaker after 5 failures in a
+/// row with a 1 s cool-down.
+fn slow_stage_limits() -> keystead::EffectLimits {
+    keystead::EffectLimits::default()
+        .concurrency(32)
+        .rate(keystead::Rate::new(200, Duration::from_millis(100)))
+        .attempt_timeout(Duration::from_secs(2))
+        .breaker(keystead::BreakerPolicy::consecutive(5).cool_down(Duration::from_secs(1)))
+}
+
+fn slow_stage_runtime(dir: &std::path::Path, provider: SlowProvider) -> Result<Runtime, Error> {
+    Ok(Runtime::builder(dir)
+        .effect_retry(RetryPolicy::default().attempts_max(10))
+        .register::<Item>()
+        .register::<Product>()
+        .async_executor::<Refresh>(provider)
+        .effect_limits::<Refresh>(slow_stage_limits())
+        .open()?)
+}
+
+/// The fast path beside a slow stage in mode `mode` (see `SlowProvider`): 1,000 product
+/// updates a second, each recording a refresh, are told in the background (a healthy
+/// provider keeps up; down, a backlog grows behind the open breaker; slow, the concurrency
+/// limit is saturated and a backlog grows too); meanwhile 8 senders ask `High` on `Item`s
+/// for `secs`. Measured: those asks (rate, p50, p99).
+async fn slow_stage(secs: f64, mode: u64) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let provider = SlowProvider::default();
+    provider.mode.store(mode, Ordering::Relaxed);
+    let rt = Arc::new(slow_stage_runtime(dir.path(), provider.clone())?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (rt, stop) = (rt.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let e = rt.entity::<Product>(format!("product-{:011}", k % 100_000));
+                drop(e.tell(1).priority(Priority::Low).await.expect("accepted"));
+                k += 1;
+            }
+        })
+    };
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|s| {
+            let (rt, stop, sent) = (rt.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (s + 1);
+                let mut latencies = Vec::with_capacity(1 << 16);
+                while !stop.load(Ordering::Relaxed) {
+                    let e = rt.entity::<Item>(key_name(next(&mut seed) % KEYS));
+                    let t = Instant::now();
+                    drop(e.ask(1).priority(Priority::High).await.expect("ask"));
+                    latencies.push(micros(t));
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies
+            })
+        })
+        .collect();
+    // The measuring window (a benchmark, not a test: a timed window is the point).
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    background.await?;
+    let measured = Measured::new(
+        sent.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        all,
+    );
+    let t = rt.stats().effect_type("refresh").cloned().unwrap_or_default();
+    eprintln!(
+        "slow stage mode {mode}: breaker {:?}, parked {}, refreshes done {}",
+        t.breaker,
+        t.parked,
+        provider.done.load(Ordering::Relaxed)
+    );
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.close_now();
+    }
+    Ok(measured)
+}
+
+/// `pending` products each record one refresh while the provider is down (the breaker
+/// opens; they wait parked), then it comes back. Measured: messages = refreshes done after
+/// recovery, secs = from recovery until the last one (so the rate is the drain rate,
+/// against the 2,000/s limit); p50/p99 of nothing.
+async fn drain(pending: u64) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let provider = SlowProvider::default();
+    provider.mode.store(1, Ordering::Relaxed);
+    let rt = Arc::new(slow_stage_runtime(dir.path(), provider.clone())?);
+    tell_low::<Product>(&rt, pending, 1).await?;
+    rt.wait_until(|s| s.effect_type("refresh").is_some_and(|t| t.parked == pending))
+        .await;
+    let started = Instant::now();
+    provider.mode.store(0, Ordering::Relaxed);
+    rt.wait_until(|s| s.effects_done >= pending).await;
+    let measured = Measured::new(pending, started.elapsed().as_secs_f64(), Vec::new());
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.close_now();
+    }
+    Ok(measured)
+}
+
+/// Like `effects_backlog`, but the refreshes wait behind an open breaker (parked, no
+/// worker each, no attempt) instead of retrying with backoff.
+async fn breaker_backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let provider = SlowProvider::default();
+    provider.mode.store(1, Ordering::Relaxed);
+    let rt = Arc::new(slow_stage_runtime(dir.path(), provider)?);
+    let started = Instant::now();
+    tell_low::<Product>(&rt, pending, 1).await?;
+    rt.wait_until(|s| s.effect_type("refresh").is_some_and(|t| t.parked == pending))
+        .await;
+    let recorded_secs = started.elapsed().as_secs_f64();
+    let latencies = critical_probes(&rt, probes).await;
+    let measured = Measured::new(pending, recorded_secs, latencies);
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.close_now();
+    }
+    Ok(measured)
+}
+
 // ---- The naive approach -----------------------------------------------------------------
 
 /// The state as the naive app stores it: the same 200 bytes and counter as `Item`.
@@ -801,6 +961,9 @@ fn child(args: &[String]) -> Result<(), Error> {
         "million" => tokio.block_on(million())?,
         "backlog" => tokio.block_on(backlog(200_000, 2_000))?,
         "effects-backlog" => tokio.block_on(effects_backlog(200_000, 2_000, param > 0.0))?,
+        "slow-stage" => tokio.block_on(slow_stage(secs, param as u64))?,
+        "drain" => tokio.block_on(drain(param as u64))?,
+        "breaker-backlog" => tokio.block_on(breaker_backlog(200_000, 2_000))?,
         // Lanes: 8,192 low-priority flooders on random keys, a critical probe; the same
         // with everything in one lane; a hot key flooded by 2,048 callers on one shard,
         // with the default entity share and without one (the whole shard, 1,024).
@@ -938,6 +1101,20 @@ fn main() -> Result<(), Error> {
     let backlog = run("backlog", 0.0, 0.0)?;
     let effects_backlog = run("effects-backlog", 0.0, 1.0)?;
     let no_effects_backlog = run("effects-backlog", 0.0, 0.0)?;
+    // The fast path beside the slow stage: healthy, down, saturated; three alternating
+    // rounds each, the median p99 kept (one round swings by 15% on this machine).
+    let mut stage: [Vec<Measured>; 3] = Default::default();
+    for _ in 0..3 {
+        for (mode, rounds) in stage.iter_mut().enumerate() {
+            rounds.push(run("slow-stage", short, mode as f64)?);
+        }
+    }
+    let stage = stage.map(|mut rounds| {
+        rounds.sort_by_key(|m| m.p99_us);
+        rounds.swap_remove(1)
+    });
+    let drain = run("drain", 0.0, 20_000.0)?;
+    let breaker_backlog = run("breaker-backlog", 0.0, 0.0)?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -1126,6 +1303,40 @@ fn main() -> Result<(), Error> {
         ms(effects_backlog.p50_us),
         ms(effects_backlog.p99_us),
         effects_backlog.peak_rss_kib / 1024,
+        no_effects_backlog.peak_rss_kib / 1024
+    );
+    let _ = writeln!(
+        out,
+        "\nthe slow stage: an effect type with limits (32 at once, 2,000/s, a breaker after 5 failures, 1 s cool-down)"
+    );
+    for (mode, what) in ["healthy (keeps up)", "down (breaker open)", "saturated (100 ms a call)"]
+        .iter()
+        .enumerate()
+    {
+        let m = &stage[mode];
+        let _ = writeln!(
+            out,
+            "  fast High asks (8 senders) beside 1,000 refreshes/s, provider {what:<26} {:>8.0}/s  p50 {}  p99 {}  p99 ratio to healthy {:.2}{}",
+            m.rate(),
+            ms(m.p50_us),
+            ms(m.p99_us),
+            m.p99_us as f64 / stage[0].p99_us.max(1) as f64,
+            if mode > 0 { " [<= 1.2]" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  drain after recovery: {} refreshes parked behind the open breaker, done at {:.0}/s from recovery (the next probe included) [within 10% of 2,000/s]",
+        drain.messages,
+        drain.rate()
+    );
+    let _ = writeln!(
+        out,
+        "  200,000 refreshes of 200,000 entities parked behind an open breaker: recorded at {:.0}/s; critical asks meanwhile p50 {} p99 {}; peak RSS {} MiB ({} MiB with the same updates recording no effect)",
+        breaker_backlog.rate(),
+        ms(breaker_backlog.p50_us),
+        ms(breaker_backlog.p99_us),
+        breaker_backlog.peak_rss_kib / 1024,
         no_effects_backlog.peak_rss_kib / 1024
     );
     print!("{out}");
