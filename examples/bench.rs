@@ -626,7 +626,11 @@ async fn slow_stage(secs: f64, mode: u64) -> Result<Measured, Error> {
         started.elapsed().as_secs_f64(),
         all,
     );
-    let t = rt.stats().effect_type("refresh").cloned().unwrap_or_default();
+    let t = rt
+        .stats()
+        .effect_type("refresh")
+        .cloned()
+        .unwrap_or_default();
     eprintln!(
         "slow stage mode {mode}: breaker {:?}, parked {}, refreshes done {}",
         t.breaker,
@@ -649,8 +653,11 @@ async fn drain(pending: u64) -> Result<Measured, Error> {
     provider.mode.store(1, Ordering::Relaxed);
     let rt = Arc::new(slow_stage_runtime(dir.path(), provider.clone())?);
     tell_low::<Product>(&rt, pending, 1).await?;
-    rt.wait_until(|s| s.effect_type("refresh").is_some_and(|t| t.parked == pending))
-        .await;
+    rt.wait_until(|s| {
+        s.effect_type("refresh")
+            .is_some_and(|t| t.parked == pending)
+    })
+    .await;
     let started = Instant::now();
     provider.mode.store(0, Ordering::Relaxed);
     rt.wait_until(|s| s.effects_done >= pending).await;
@@ -670,8 +677,11 @@ async fn breaker_backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
     let rt = Arc::new(slow_stage_runtime(dir.path(), provider)?);
     let started = Instant::now();
     tell_low::<Product>(&rt, pending, 1).await?;
-    rt.wait_until(|s| s.effect_type("refresh").is_some_and(|t| t.parked == pending))
-        .await;
+    rt.wait_until(|s| {
+        s.effect_type("refresh")
+            .is_some_and(|t| t.parked == pending)
+    })
+    .await;
     let recorded_secs = started.elapsed().as_secs_f64();
     let latencies = critical_probes(&rt, probes).await;
     let measured = Measured::new(pending, recorded_secs, latencies);
@@ -1309,9 +1319,13 @@ fn main() -> Result<(), Error> {
         out,
         "\nthe slow stage: an effect type with limits (32 at once, 2,000/s, a breaker after 5 failures, 1 s cool-down)"
     );
-    for (mode, what) in ["healthy (keeps up)", "down (breaker open)", "saturated (100 ms a call)"]
-        .iter()
-        .enumerate()
+    for (mode, what) in [
+        "healthy (keeps up)",
+        "down (breaker open)",
+        "saturated (100 ms a call)",
+    ]
+    .iter()
+    .enumerate()
     {
         let m = &stage[mode];
         let _ = writeln!(

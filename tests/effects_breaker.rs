@@ -445,3 +445,51 @@ async fn work_parked_behind_an_open_breaker_survives_a_restart() {
     assert_all_done(&rt, 30).await;
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_breaker_closes_the_backlog_drains_in_lane_order() {
+    use keystead::Priority;
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(START_MS);
+        let provider = Provider::new(&clock, true);
+        // One call at a time, so the order of the calls is the order of admission.
+        let limits = breaker(2).concurrency(1);
+        let rt = open(dir.path(), &clock, provider.clone(), limits);
+        for i in 0..12 {
+            rt.entity::<Product>(format!("p{i}"))
+                .tell(())
+                .priority(Priority::Low)
+                .await
+                .unwrap();
+        }
+        wait(&rt, |s| {
+            enrich(s).breaker == BreakerState::Open && enrich(s).parked == 12
+        })
+        .await;
+        // While it is open: one more product arrives in `High`, and a user looks at p9.
+        rt.entity::<Product>("urgent")
+            .tell(())
+            .priority(Priority::High)
+            .await
+            .unwrap();
+        rt.entity::<Product>("p9")
+            .prioritise(Priority::Critical)
+            .await
+            .unwrap();
+        wait(&rt, |s| enrich(s).parked == 13).await;
+        let before = provider.calls();
+        provider.down.store(false, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(30));
+        wait(&rt, |s| s.effects_done == 13).await;
+        let calls = provider.calls.lock().unwrap().clone();
+        let order: Vec<&str> = calls[before..].iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(order.len(), 13, "round {round}: {order:?}");
+        assert_eq!(
+            &order[..2],
+            ["p9", "urgent"],
+            "round {round}: Critical, then High, then the Low backlog: {order:?}"
+        );
+        rt.shutdown().await;
+    }
+}
