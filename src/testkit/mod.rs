@@ -545,8 +545,18 @@ impl Chaos {
             .await
             .map_err(|e| fail(format!("cannot count the inbox: {e}"), &trace))?;
         if inbox != 0 {
+            let left = inbox_entries(&rt);
+            let stats = rt.stats();
+            // Is it late (an early idle) or stuck (a lost wake-up)? Settle once more.
+            settle(&rt, &clock).await.map_err(|why| fail(why, &trace))?;
+            let again = rt.inbox_len().await.unwrap_or(u64::MAX);
             return Err(fail(
-                format!("{inbox} accepted message(s) still in the inbox after settling"),
+                format!(
+                    "{inbox} accepted message(s) still in the inbox after settling: {left:?}; \
+                     in flight {}, effect workers {}, effect types {:?}; after settling once \
+                     more: {again} left",
+                    stats.in_flight, stats.effect_lanes, stats.effect_types
+                ),
                 &trace,
             ));
         }
@@ -600,6 +610,25 @@ impl Chaos {
             trace,
         })
     }
+}
+
+/// The inbox entries on disk, as `entity/key/message id` (for a failure report).
+fn inbox_entries(rt: &Runtime) -> Vec<String> {
+    use crate::core::keys::{self, Space};
+    let Ok(scan) = rt.inner.store.scan_prefix(&[Space::Inbox as u8]) else {
+        return Vec::new();
+    };
+    scan.filter_map(Result::ok)
+        .map(|(key, value)| {
+            let id =
+                crate::core::codec::decode::<crate::core::records::InboxRecord>("inbox", &value)
+                    .map_or_else(|e| e.to_string(), |r| r.meta.message_id);
+            match keys::parse(Space::Inbox, &key) {
+                Some(p) => format!("{}/{}/{id}", p.entity, p.key),
+                None => format!("?/{id}"),
+            }
+        })
+        .collect()
 }
 
 /// Waits until the runtime is idle and no effect is parked behind its type's limits. While
