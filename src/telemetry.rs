@@ -282,6 +282,10 @@ pub(crate) struct Stats {
     pub effect_retries: AtomicU64,
     /// Lane feeders (one per shard and lane) that have not read everything accepted.
     pub feeds_behind: AtomicU64,
+    /// Bumped at every change of the counters `idle` reads (work in flight, effect
+    /// workers, feeders behind, parked and running work of effect types), so that `idle`
+    /// can tell a consistent reading of them from one torn by a change in the middle.
+    pub work_epoch: AtomicU64,
     pub lanes: [LaneCounters; 4],
     pub effect_priorities: [LaneCounters; 4],
     pub effect_activations: [LaneCounters; 4],
@@ -300,6 +304,24 @@ impl Stats {
     /// inbox count starts from a scan and must never underflow on a message counted twice).
     pub(crate) fn drop_one(counter: &AtomicU64) {
         let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+    }
+
+    /// Work entered a stage `idle` watches (`counter` is one of its counters).
+    pub(crate) fn work_up(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::SeqCst);
+        self.work_moved();
+    }
+
+    /// Work left a stage `idle` watches.
+    pub(crate) fn work_down(&self, counter: &AtomicU64) {
+        let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+        self.work_moved();
+    }
+
+    /// A change to what `idle` reads (for counters kept elsewhere, such as an effect type's
+    /// parked work).
+    pub(crate) fn work_moved(&self) {
+        self.work_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn outcome(&self, kind: OutcomeKind) {

@@ -130,6 +130,7 @@ impl Drop for Ticket {
                 }
             }
         }
+        self.gate.shared.stats.work_moved();
         self.gate.changed.notify_one();
     }
 }
@@ -176,6 +177,9 @@ impl TypeGate {
             self.admit(&mut state, now, &mut moves)
         };
         self.moved(&moves);
+        if admitted.is_ok() {
+            self.shared.stats.work_moved();
+        }
         admitted.ok().map(|probe| self.ticket(probe))
     }
 
@@ -224,6 +228,7 @@ impl TypeGate {
     /// Parks `parked` in lane `lane`, to be woken by the waker.
     pub(crate) fn park(&self, parked: Parked, lane: Priority) {
         self.state.lock().parked[lane.index()].push_back(parked);
+        self.shared.stats.work_moved();
         self.counters.parks.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_one();
         self.shared.stats.notify();
@@ -361,6 +366,7 @@ impl TypeGate {
                 self.counters.probes.fetch_add(1, Ordering::Relaxed);
             }
             self.counters.resumed.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.work_moved();
             self.shared.stats.notify();
         }
         self.moved(&moves);

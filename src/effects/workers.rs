@@ -306,7 +306,7 @@ impl Effects {
         unpinned: Arc<Notify>,
         ticket: Option<Ticket>,
     ) {
-        Stats::bump(&self.shared.stats.effect_lanes);
+        self.shared.stats.work_up(&self.shared.stats.effect_lanes);
         let this = self.clone();
         self.handle
             .spawn(async move { this.lane(id, slot, unpinned, ticket).await });
@@ -384,7 +384,7 @@ impl Effects {
                         }
                         gate.park(Parked::Lane(id), lane);
                         drop(slot);
-                        Stats::drop_one(&self.shared.stats.effect_lanes);
+                        self.shared.stats.work_down(&self.shared.stats.effect_lanes);
                         self.shared.stats.notify();
                         return;
                     }
@@ -413,7 +413,7 @@ impl Effects {
         }
         self.lanes.lock().remove(&id);
         drop(slot);
-        Stats::drop_one(&self.shared.stats.effect_lanes);
+        self.shared.stats.work_down(&self.shared.stats.effect_lanes);
         self.shared.stats.notify();
     }
 
@@ -469,7 +469,7 @@ impl Effects {
         mut ticket: Option<Ticket>,
     ) {
         let this = self.clone();
-        Stats::bump(&self.shared.stats.effect_lanes);
+        self.shared.stats.work_up(&self.shared.stats.effect_lanes);
         self.handle.spawn(async move {
             let id = (
                 record.info.effect_key.entity.clone(),
@@ -483,7 +483,7 @@ impl Effects {
                 }
             }
             drop(slot);
-            Stats::drop_one(&this.shared.stats.effect_lanes);
+            this.shared.stats.work_down(&this.shared.stats.effect_lanes);
             this.shared.stats.notify();
         });
     }

@@ -472,7 +472,7 @@ impl std::fmt::Debug for Ticket {
 
 impl Ticket {
     pub(crate) fn new(slot: Slot, shared: Arc<Shared>) -> Self {
-        Stats::bump(&shared.stats.in_flight);
+        shared.stats.work_up(&shared.stats.in_flight);
         Self {
             slot: Some(slot),
             shared,
@@ -494,7 +494,7 @@ impl Drop for Ticket {
         if let Some(hook) = self.on_release.take() {
             hook();
         }
-        Stats::drop_one(&self.shared.stats.in_flight);
+        self.shared.stats.work_down(&self.shared.stats.in_flight);
         self.shared.stats.notify();
     }
 }

@@ -234,7 +234,7 @@ impl LaneFeed {
 
     fn bump(&self, state: &mut FeedState, stats: &Stats) {
         if state.generation == state.fed {
-            Stats::bump(&stats.feeds_behind);
+            stats.work_up(&stats.feeds_behind);
         }
         state.generation += 1;
     }
@@ -253,7 +253,7 @@ impl LaneFeed {
     pub(crate) fn caught_up(&self, generation: u64, stats: &Stats) {
         let mut state = self.state.lock();
         if state.fed != state.generation && generation == state.generation {
-            Stats::drop_one(&stats.feeds_behind);
+            stats.work_down(&stats.feeds_behind);
             stats.notify();
         }
         state.fed = state.fed.max(generation);

@@ -125,16 +125,40 @@ impl Runtime {
     /// this up, and neither do effects parked behind an open circuit breaker (they wait for
     /// the outside world; see [`RuntimeStats::effect_type`]).
     pub async fn idle(&self) {
+        self.idle_snapshot().await;
+    }
+
+    /// Waits as [`Runtime::idle`] does and returns the counters it found idle. They are
+    /// read as one consistent snapshot: the counters `idle` watches are read between two
+    /// readings of the work epoch (bumped by every change to them), and a reading torn by
+    /// a change is taken again. (Work moving on bumps its next stage's counter before it
+    /// leaves its stage, so a consistent reading of zero means nothing is left.)
+    pub(crate) async fn idle_snapshot(&self) -> RuntimeStats {
         let stats = &self.inner.shared.stats;
-        self.wait_until(|s| {
-            s.in_flight == 0
+        loop {
+            let changed = stats.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let before = stats.work_epoch.load(Ordering::SeqCst);
+            let s = self.stats();
+            let feeds_behind = stats.feeds_behind.load(Ordering::SeqCst);
+            let consistent = stats.work_epoch.load(Ordering::SeqCst) == before;
+            let idle = s.in_flight == 0
                 && s.effect_lanes == 0
-                && stats.feeds_behind.load(Ordering::Acquire) == 0
+                && feeds_behind == 0
                 && s.effect_types.iter().all(|t| {
                     t.running == 0 && (t.parked == 0 || t.breaker != crate::BreakerState::Closed)
-                })
-        })
-        .await;
+                });
+            if (idle && consistent) || self.inner.is_closed() {
+                return s;
+            }
+            if idle {
+                // Torn by a change in the middle: read again once the change has settled.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            changed.await;
+        }
     }
 
     /// Counts the inbox entries on disk: accepted messages not yet retired. Like every

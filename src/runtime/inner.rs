@@ -23,7 +23,6 @@ use crate::runtime::mail::{Deliver, Job};
 use crate::runtime::shared::Shared;
 use crate::runtime::supervisor::Shard;
 use crate::store::Store;
-use crate::telemetry::Stats;
 
 pub(crate) struct ShardRef {
     pub addr: Addr<Shard>,
@@ -65,7 +64,7 @@ pub(crate) struct Accepting {
 
 impl Drop for Accepting {
     fn drop(&mut self) {
-        Stats::drop_one(&self.shared.stats.in_flight);
+        self.shared.stats.work_down(&self.shared.stats.in_flight);
         self.shared.stats.notify();
     }
 }
@@ -175,7 +174,7 @@ impl Inner {
         if self.is_closed() {
             return None;
         }
-        Stats::bump(&self.shared.stats.in_flight);
+        self.shared.stats.work_up(&self.shared.stats.in_flight);
         Some(Accepting {
             _permit: permit,
             shared: self.shared.clone(),

@@ -641,8 +641,8 @@ async fn settle(rt: &Runtime, clock: &ManualClock) -> Result<(), String> {
         types.iter().map(f).sum()
     };
     for _ in 0..STEPS_MAX {
-        rt.idle().await;
-        let stats = rt.stats();
+        // One consistent reading: idle, and what is parked then.
+        let stats = rt.idle_snapshot().await;
         if sum(&stats.effect_types, |t| t.parked + t.running) == 0 {
             return Ok(());
         }
