@@ -240,6 +240,16 @@ pub(crate) fn outbox_position_of(outbox_key: &[u8]) -> Option<(u64, u32)> {
     keys::outbox_position(keys::parse(Space::Outbox, outbox_key)?.suffix)
 }
 
+/// Where the outbox entry `outbox_key` goes in the effect history once it has finished
+/// (the same key in keyspace `X`).
+pub(crate) fn history_key_of(outbox_key: &[u8]) -> Vec<u8> {
+    let mut history_key = outbox_key.to_vec();
+    if let Some(space) = history_key.first_mut() {
+        *space = Space::EffectHistory as u8;
+    }
+    history_key
+}
+
 /// The outbox lane index entry of the outbox entry `outbox_key`, in lane `lane`; `None` for
 /// a malformed key.
 pub(crate) fn outbox_index_of(lane: Priority, outbox_key: &[u8]) -> Option<Vec<u8>> {

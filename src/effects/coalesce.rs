@@ -20,7 +20,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::core::codec;
-use crate::core::effect::{effect_lane, outbox_index_of, EffectKey, EffectRecord, EffectStatus};
+use crate::core::effect::{
+    effect_lane, history_key_of, outbox_index_of, EffectKey, EffectRecord, EffectStatus,
+};
 use crate::core::hash::fnv1a;
 use crate::core::keys::{self, Space};
 use crate::error::StoreError;
@@ -216,8 +218,7 @@ impl Effects {
             record.info.status = EffectStatus::Superseded;
             record.info.updated_at_ms = now_ms;
             record.info.last_error = Some(format!("superseded by {new}"));
-            let mut history_key = outbox_key.clone();
-            history_key[0] = Space::EffectHistory as u8;
+            let history_key = history_key_of(&outbox_key);
             let encoded = codec::encode(&record).map_err(|e| StoreError::Io {
                 op: "supersede effect",
                 source: std::io::Error::other(e),

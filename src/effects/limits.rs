@@ -39,7 +39,7 @@ pub(crate) enum Parked {
 }
 
 impl Parked {
-    fn entity(&self) -> &(String, String) {
+    pub(crate) fn entity(&self) -> &(String, String) {
         match self {
             Parked::Lane(id) | Parked::Independent(_, id) => id,
         }
@@ -347,24 +347,13 @@ impl TypeGate {
                         let parked = state.parked[lane]
                             .pop_front()
                             .expect("the lane has parked work");
-                        Next::Go(
-                            parked,
-                            Priority::ALL[lane],
-                            Ticket {
-                                gate: self.clone(),
-                                probe,
-                                ran: false,
-                            },
-                        )
+                        Next::Go(parked, Priority::ALL[lane], self.ticket(probe))
                     }
                     Err(at) => Next::Wait(at),
                 },
             }
         };
-        if let Next::Go(_, _, ticket) = &next {
-            if ticket.probe {
-                self.counters.probes.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Next::Go(..) = &next {
             self.counters.resumed.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.work_moved();
             self.shared.stats.notify();

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::core::codec;
 use crate::core::effect::effect_lane;
-use crate::core::effect::{outbox_index_of, outbox_position_of};
+use crate::core::effect::{history_key_of, outbox_index_of, outbox_position_of};
 use crate::core::hash::{fnv1a, splitmix64};
 use crate::core::keys::{self, Space};
 use crate::core::lanes::LANES;
@@ -315,9 +315,7 @@ impl Effects {
     /// Gives work parked behind an effect type a worker again, with the admission its
     /// type's waker took for it. False once the workers are closing.
     async fn resume(self: Arc<Self>, parked: Parked, lane: Priority, ticket: Ticket) -> bool {
-        let id = match &parked {
-            Parked::Lane(id) | Parked::Independent(_, id) => id.clone(),
-        };
+        let id = parked.entity().clone();
         let Some(origin) = self.origin(&id.0) else {
             return true;
         };
@@ -780,23 +778,21 @@ impl Effects {
                     tracing::warn!(target: "keystead", parent: &span, error = %reason, "effect dead-lettered");
                     return Ok(None);
                 }
-                Err(EffectError::Retryable(reason)) if breaker_open => {
-                    // The provider's failure, not the effect's: not counted, and no backoff
-                    // (the next attempt waits for the breaker, parked).
-                    record.info.attempts = record.info.attempts.saturating_sub(1);
-                    self.transition(&mut record, EffectStatus::Pending, Some(reason));
-                    self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
-                        .await?;
-                    drop(current.take());
-                    Stats::bump(&self.shared.stats.effect_retries);
-                    self.shared.stats.notify();
-                }
                 Err(EffectError::Retryable(reason)) => {
+                    if breaker_open {
+                        // The provider's failure, not the effect's: not counted.
+                        record.info.attempts = record.info.attempts.saturating_sub(1);
+                    }
                     self.transition(&mut record, EffectStatus::Pending, Some(reason.clone()));
                     self.commit(vec![Op::Put(outbox_key.to_vec(), encode(&record)?)])
                         .await?;
                     Stats::bump(&self.shared.stats.effect_retries);
                     self.shared.stats.notify();
+                    if breaker_open {
+                        // No backoff: the next attempt waits for the breaker, parked.
+                        drop(current.take());
+                        continue;
+                    }
                     let seed = splitmix64(fnv1a(record.info.effect_key.to_string().as_bytes()));
                     let delay = self.retry.backoff(record.info.attempts, seed);
                     tracing::debug!(target: "keystead", parent: &span, error = %reason,
@@ -886,12 +882,10 @@ impl Effects {
         record: &EffectRecord,
         raised: Priority,
     ) -> Result<Vec<Op>, ()> {
-        let mut history_key = outbox_key.to_vec();
-        history_key[0] = Space::EffectHistory as u8;
         let own = effect_lane(Space::Outbox, outbox_key);
         let mut ops = vec![
             Op::Delete(outbox_key.to_vec()),
-            Op::Put(history_key, encode(record)?),
+            Op::Put(history_key_of(outbox_key), encode(record)?),
         ];
         let raised = (raised != own).then_some(raised);
         for lane in std::iter::once(own).chain(raised) {
