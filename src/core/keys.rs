@@ -19,6 +19,9 @@
 //! | `O` outbox | sequence u64 BE ++ index u32 BE ++ lane u8 (absent before lanes: `Normal`) | `EffectRecord`, unfinished |
 //! | `P` outbox lane index | none: `P ++ lane u8 ++ sequence u64 BE ++ index u32 BE` | the outbox key |
 //! | `X` effect history | same as the outbox | `EffectRecord`, finished |
+//! | `T` timers | none: `T ++ due ms u64 BE ++ sequence u64 BE` | `TimerRecord`: a delayed message |
+//! | `K` timer by id | message id bytes | the `T` key of the entity's delayed message with that id |
+//! | `C` schedules | none: `C ++ name` | `ScheduleRecord` |
 
 use crate::priority::Priority;
 
@@ -37,6 +40,9 @@ pub(crate) enum Space {
     Shed = b'H',
     Raise = b'R',
     OutboxIndex = b'P',
+    Timer = b'T',
+    TimerId = b'K',
+    Schedule = b'C',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).
@@ -151,6 +157,40 @@ pub(crate) fn raise(entity: &str, key: &str) -> Vec<u8> {
     entity_prefix(Space::Raise, entity, key)
 }
 
+/// The key of a delayed message due at `due_ms`: timers sort by due time, then by their
+/// acceptance sequence, so the next one due is the first key of the keyspace.
+pub(crate) fn timer(due_ms: u64, seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17);
+    out.push(Space::Timer as u8);
+    out.extend_from_slice(&due_ms.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// The due time and sequence of a timer key; `None` for a malformed one.
+pub(crate) fn timer_position(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != 17 || key[0] != Space::Timer as u8 {
+        return None;
+    }
+    let due = u64::from_be_bytes(key[1..9].try_into().ok()?);
+    let seq = u64::from_be_bytes(key[9..17].try_into().ok()?);
+    Some((due, seq))
+}
+
+/// The key under which entity (`entity`, `key`)'s delayed message `message_id` is found.
+pub(crate) fn timer_id(entity: &str, key: &str, message_id: &str) -> Vec<u8> {
+    let mut out = entity_prefix(Space::TimerId, entity, key);
+    out.extend_from_slice(message_id.as_bytes());
+    out
+}
+
+/// The key of schedule `name`.
+pub(crate) fn schedule(name: &str) -> Vec<u8> {
+    let mut out = vec![Space::Schedule as u8];
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
 /// The key of a shed message.
 pub(crate) fn shed(entity: &str, key: &str, message_id: &str) -> Vec<u8> {
     let mut out = entity_prefix(Space::Shed, entity, key);
@@ -255,6 +295,12 @@ mod tests {
             let parsed = parse(Space::Inbox, &old).expect("parses");
             prop_assert_eq!(inbox_seq(parsed.suffix), Some(seq));
             prop_assert_eq!(inbox_lane(parsed.suffix), Some(Priority::Normal));
+        }
+
+        #[test]
+        fn timers_sort_by_due_time_then_sequence(a in any::<(u64, u64)>(), b in any::<(u64, u64)>()) {
+            prop_assert_eq!(timer(a.0, a.1).cmp(&timer(b.0, b.1)), a.cmp(&b));
+            prop_assert_eq!(timer_position(&timer(a.0, a.1)), Some(a));
         }
 
         #[test]

@@ -11,6 +11,7 @@
 //! - [`ops`]: one write of an atomic commit, as a value.
 //! - [`lanes`]: which priority lane goes next (strict priority, bounded starvation).
 //! - [`limits`]: token buckets and the circuit breaker of an effect type, as values.
+//! - [`schedule`]: when a schedule's runs are due and what happens to each (pure).
 //! - [`merge`]: field-level merge rules for states that several paths write (public as
 //!   `keystead::merge`).
 
@@ -24,3 +25,4 @@ pub(crate) mod limits;
 pub mod merge;
 pub(crate) mod ops;
 pub(crate) mod records;
+pub(crate) mod schedule;

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::schedule::{Overlap, Progress, SpecRecord};
 use crate::outcome::Recorded;
 
 /// An entity's state with its revision and version (keyspace `S`).
@@ -92,6 +93,42 @@ pub(crate) struct ShedRecord {
 pub(crate) struct RaiseRecord {
     pub lane: u8,
     pub up_to_seq: u64,
+}
+
+/// A delayed message waiting for its due time (keyspace `T`). It holds the inbox entry it
+/// becomes when due, already encoded, so firing it copies bytes and decodes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TimerRecord {
+    pub entity: String,
+    pub key: String,
+    /// Its lane (`Priority::index`).
+    pub lane: u8,
+    /// The encoded `InboxRecord`.
+    pub inbox: Vec<u8>,
+}
+
+/// A schedule: its definition and its durable progress (keyspace `C`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ScheduleRecord {
+    pub name: String,
+    /// The entity type its runs are sent to.
+    pub entity: String,
+    /// The keys each run is sent to.
+    pub targets: Vec<String>,
+    /// The encoded command.
+    pub command: Vec<u8>,
+    /// The lane its runs are sent in (`Priority::index`).
+    pub lane: u8,
+    pub sheddable: bool,
+    pub spec: SpecRecord,
+    pub jitter_ms: u64,
+    pub overlap: Overlap,
+    pub buffer_max: u32,
+    pub catch_up_window_ms: u64,
+    pub catch_up_runs_max: u32,
+    pub pause_on_failure: bool,
+    pub created_at_ms: u64,
+    pub progress: Progress,
 }
 
 #[cfg(test)]
