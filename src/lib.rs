@@ -97,6 +97,7 @@ mod store;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod time;
 
 /// The README's code must compile: it is checked as a doctest.
 #[cfg(doctest)]
@@ -107,6 +108,7 @@ pub use crate::core::codec::FORMAT_VERSION;
 pub use crate::core::keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_LEN_MAX};
 pub use crate::core::limits::{BreakerPolicy, BreakerState, Rate};
 pub use crate::core::merge;
+pub use crate::core::schedule::Overlap;
 pub use backend::Backend;
 pub use clock::{Clock, ManualClock, Sleep, SystemClock};
 pub use dead_letter::{DeadLetter, Shed};
@@ -120,6 +122,7 @@ pub use error::{AdminError, DecodeError, OpenError, Returned, StoreError, Submit
 pub use outcome::{Outcome, OutcomeKind, Recorded};
 pub use priority::{BacklogKind, LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
-pub use runtime::address::{Accepted, Ask, EntityRef, Snapshot, Tell};
+pub use runtime::address::{Accepted, Ask, Cancelled, EntityRef, Snapshot, Tell};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use telemetry::{EffectTypeStats, LaneStats, RuntimeStats};
+pub use time::{Schedule, ScheduleError, ScheduleStatus, Schedules};

@@ -116,6 +116,23 @@ pub struct RuntimeStats {
     /// Times a caller waited because its entity already held its share of the shard
     /// ([`RuntimeBuilder::entity_in_flight_max`](crate::RuntimeBuilder::entity_in_flight_max)).
     pub entity_capped: u64,
+    /// Delayed messages accepted and waiting for their due time (`Tell::after`, `Tell::at`).
+    /// They are counted in their lane's `pending` too.
+    pub timers_pending: u64,
+    /// Delayed messages moved into the inbox at their due time.
+    pub timers_fired: u64,
+    /// Delayed messages cancelled before they were due.
+    pub timers_cancelled: u64,
+    /// Runs fired by schedules (on time, caught up, from a buffer, triggered, backfilled).
+    pub schedule_runs: u64,
+    /// Scheduled runs skipped because the previous run was unfinished (or the schedule
+    /// paused), summed over the schedules.
+    pub schedule_runs_skipped: u64,
+    /// Scheduled runs missed (fell due while the process was down, or the clock jumped),
+    /// summed over the schedules.
+    pub schedule_runs_missed: u64,
+    /// Scheduled runs put in a buffer to wait for the previous one.
+    pub schedule_runs_buffered: u64,
     /// Per effect type with limits ([`EffectLimits`](crate::EffectLimits) beyond a
     /// timeout), in name order: its breaker and parked work. Read one with
     /// [`RuntimeStats::effect_type`].
@@ -290,6 +307,16 @@ pub(crate) struct Stats {
     pub effect_priorities: [LaneCounters; 4],
     pub effect_activations: [LaneCounters; 4],
     pub entity_capped: AtomicU64,
+    pub timers_pending: AtomicU64,
+    pub timers_fired: AtomicU64,
+    pub timers_cancelled: AtomicU64,
+    pub schedule_runs: AtomicU64,
+    pub schedule_runs_skipped: AtomicU64,
+    pub schedule_runs_missed: AtomicU64,
+    pub schedule_runs_buffered: AtomicU64,
+    /// Passes of the timer firer and runs of the scheduler being written now (work `idle`
+    /// waits for).
+    pub time_firing: AtomicU64,
     /// Woken whenever work finishes or an actor stops, for [`Runtime::idle`](crate::Runtime::idle)
     /// and [`Runtime::wait_until`](crate::Runtime::wait_until).
     pub changed: Notify,
@@ -364,6 +391,13 @@ impl Stats {
             effect_priorities: std::array::from_fn(|i| self.effect_priorities[i].snapshot()),
             effect_activations: std::array::from_fn(|i| self.effect_activations[i].snapshot()),
             entity_capped: get(&self.entity_capped),
+            timers_pending: get(&self.timers_pending),
+            timers_fired: get(&self.timers_fired),
+            timers_cancelled: get(&self.timers_cancelled),
+            schedule_runs: get(&self.schedule_runs),
+            schedule_runs_skipped: get(&self.schedule_runs_skipped),
+            schedule_runs_missed: get(&self.schedule_runs_missed),
+            schedule_runs_buffered: get(&self.schedule_runs_buffered),
             effect_types: Vec::new(),
         }
     }

@@ -87,7 +87,7 @@ pub(crate) enum SpecRecord {
 
 /// A time zone a cron expression is read in.
 #[derive(Debug, Clone)]
-enum Zone {
+pub(crate) enum Zone {
     Utc,
     #[cfg(feature = "time-zones")]
     Named(chrono_tz::Tz),

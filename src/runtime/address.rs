@@ -18,6 +18,7 @@ use crate::error::{AdminError, Returned, SubmitError};
 use crate::ids;
 use crate::priority::{BacklogKind, Priority, WhenFull};
 use crate::runtime::admission::Ticket;
+use crate::runtime::delayed::Scheduled;
 use crate::runtime::inner::Inner;
 use crate::runtime::mail::{AdminAction, Deliver, Job};
 use crate::runtime::shared::check_key;
@@ -94,6 +95,25 @@ pub struct Accepted {
     /// ([`Runtime::shed`](crate::Runtime::shed)) instead of the inbox, and is processed only
     /// if requeued.
     pub shed: bool,
+    /// For a delayed message ([`Tell::after`], [`Tell::at`]): when it is due, ms since the
+    /// epoch on the runtime's clock. If the same id was already waiting, its due time (the
+    /// first one stays). `None` for a message accepted into the inbox at once.
+    pub due_at_ms: Option<u64>,
+}
+
+/// What [`EntityRef::cancel`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cancelled {
+    /// The delayed message was waiting and is removed: it will never be delivered.
+    Removed {
+        /// When it was due, ms since the epoch.
+        due_at_ms: u64,
+    },
+    /// No delayed message with that id is waiting: it was delivered already (it is then in
+    /// the inbox or applied, and cancelling cannot take it back), cancelled already, or never
+    /// sent with a due time. Nothing changed.
+    NotPending,
 }
 
 type Submit<T> = Pin<Box<dyn Future<Output = Result<T, SubmitError>> + Send>>;
@@ -106,6 +126,14 @@ struct Options {
     version: Option<u64>,
     priority: Priority,
     sheddable: bool,
+    due: Option<Due>,
+}
+
+/// When a delayed `tell` is due.
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    At(u64),
+    After(std::time::Duration),
 }
 
 impl Options {
@@ -341,6 +369,29 @@ impl<E: Entity> EntityRef<E> {
     /// [`AdminError`] if the runtime is closed, the type unregistered, or the store fails.
     pub async fn requeue_shed(&self, message_id: &str) -> Result<bool, AdminError> {
         self.admin(AdminAction::RequeueShed, message_id).await
+    }
+
+    /// Cancels this entity's delayed message `message_id` (sent with [`Tell::after`] or
+    /// [`Tell::at`]) if it is still waiting for its due time: it is removed durably and never
+    /// delivered, and its room in its lane is given back. Cancelling one that was delivered
+    /// already, cancelled already or never delayed changes nothing and answers
+    /// [`Cancelled::NotPending`]. A cancel racing with the due time either removes it or
+    /// finds it delivered, never both.
+    ///
+    /// # Errors
+    /// [`AdminError`] if the runtime is closed, the type unregistered, the key invalid, or
+    /// the store fails.
+    pub async fn cancel(&self, message_id: &str) -> Result<Cancelled, AdminError> {
+        let inner = self.runtime().map_err(AdminError::from_refusal)?;
+        let found = inner
+            .delayed
+            .cancel(&inner.store, &inner.shared, E::NAME, &self.key, message_id)
+            .await?;
+        inner.shared.stats.notify();
+        Ok(match found {
+            Some(due_at_ms) => Cancelled::Removed { due_at_ms },
+            None => Cancelled::NotPending,
+        })
     }
 
     /// Deletes the shed message `message_id`. Returns `false` if there was none.
@@ -631,6 +682,61 @@ impl<E: Entity> Tell<E> {
         self.options.sheddable = true;
         self
     }
+    /// Delivers the message once `delay` has passed on the runtime's clock (see
+    /// [`Tell::at`]). Default: at once.
+    pub fn after(mut self, delay: std::time::Duration) -> Self {
+        self.options.due = Some(Due::After(delay));
+        self
+    }
+    /// Delivers the message at `at` (wall-clock time, read on the runtime's
+    /// [`Clock`](crate::Clock)), not before. It is accepted durably now, with its id,
+    /// version and lane; it waits on disk (a timer costs no memory), survives restarts, and
+    /// when due goes into the inbox and the normal way: dedup, version, lanes. One that
+    /// fell due while the process was down is delivered at the next open. Timers are
+    /// delivered in due order; one entity applies its delayed messages in that order, each
+    /// after whatever reached its inbox before it fell due. A time not in the future
+    /// delivers at once. It holds room in its lane from now (see
+    /// [`LaneLimits`](crate::LaneLimits)). Cancel it with [`EntityRef::cancel`]. Sending the
+    /// same id again while it waits changes nothing (the first due time stays; the answer
+    /// says it). Default: at once.
+    ///
+    /// ```
+    /// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+    /// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+    /// # #[error("never")] struct Never;
+    /// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+    /// # struct Counter;
+    /// # impl Entity for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+    /// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use keystead::{Cancelled, ManualClock};
+    /// let clock = ManualClock::new(1_000_000);
+    /// # let dir = tempfile::tempdir()?;
+    /// let rt = Runtime::builder(dir.path()).clock(clock.clone()).register::<Counter>().open()?;
+    /// let counter = rt.entity::<Counter>("c-1");
+    /// let accepted = counter.tell(5).id("remind-1").after(Duration::from_secs(60)).await?;
+    /// assert_eq!(accepted.due_at_ms, Some(1_060_000));
+    /// counter.tell(7).id("remind-2").after(Duration::from_secs(90)).await?;
+    /// assert!(matches!(counter.cancel("remind-2").await?, Cancelled::Removed { .. }));
+    /// clock.advance(Duration::from_secs(120)); // due: delivered through the inbox
+    /// rt.idle().await;
+    /// assert_eq!(counter.snapshot().await?.state, 5);
+    /// assert_eq!(counter.cancel("remind-1").await?, Cancelled::NotPending); // delivered
+    /// # rt.shutdown().await; Ok(()) }
+    /// ```
+    pub fn at(mut self, at: std::time::SystemTime) -> Self {
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.options.due = Some(Due::At(ms));
+        self
+    }
 }
 
 impl<E: Entity> IntoFuture for Tell<E> {
@@ -643,7 +749,16 @@ impl<E: Entity> IntoFuture for Tell<E> {
             let key = self.target.key;
             let priority = self.options.priority;
             let sheddable = self.options.sheddable;
-            let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
+            let now_ms = inner.shared.clock.now_ms();
+            let due_ms = match self.options.due {
+                None => None,
+                Some(Due::At(ms)) => Some(ms),
+                Some(Due::After(delay)) => Some(
+                    now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+                ),
+            }
+            .filter(|due| *due > now_ms);
+            let meta = self.options.meta::<E>(&key, now_ms)?;
             let encode_error = |reason| SubmitError::Encode {
                 entity: E::NAME,
                 key: key.clone(),
@@ -663,6 +778,7 @@ impl<E: Entity> IntoFuture for Tell<E> {
                 message_id: meta.message_id.clone(),
                 correlation_id: meta.correlation_id.clone(),
                 shed: false,
+                due_at_ms: None,
             };
             let record = InboxRecord { meta, command };
             let bytes = codec::encode(&record).map_err(encode_error)?;
@@ -732,6 +848,38 @@ impl<E: Entity> IntoFuture for Tell<E> {
                 backlog.release(priority, size);
                 return Err(closed());
             };
+            if let Some(due_ms) = due_ms {
+                let message_id = accepted.message_id.clone();
+                let scheduled = inner
+                    .delayed
+                    .accept(
+                        &inner.store,
+                        &inner.shared,
+                        E::NAME,
+                        &key,
+                        &message_id,
+                        priority,
+                        due_ms,
+                        bytes,
+                    )
+                    .await;
+                drop(accepting);
+                let due_at_ms = match scheduled {
+                    Ok(Scheduled::New(due)) => due,
+                    Ok(Scheduled::AlreadyPending(due)) => {
+                        backlog.release(priority, size);
+                        due
+                    }
+                    Err(source) => {
+                        backlog.release(priority, size);
+                        return Err(storage(source));
+                    }
+                };
+                return Ok(Accepted {
+                    due_at_ms: Some(due_at_ms),
+                    ..accepted
+                });
+            }
             // When its entity is idle and a slot is free in its lane, the message goes to
             // the entity straight after its commit, with no lane index entry (a crash before
             // it is processed leaves it unindexed: the next open indexes it).

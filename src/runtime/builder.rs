@@ -26,10 +26,12 @@ use crate::priority::{LaneLimits, Priority};
 use crate::retry::RetryPolicy;
 use crate::runtime::admission::{Gate, GateConfig, GateKind};
 use crate::runtime::backlog::Backlog;
+use crate::runtime::delayed::{scan_timers, Delayed};
 use crate::runtime::feeder;
 use crate::runtime::supervisor::Shard;
 use crate::store::{Op, Store, StoreConfig};
 use crate::telemetry::Stats;
+use crate::time::{self, scheduler::Scheduler};
 
 use crate::runtime::handle::Runtime;
 use crate::runtime::inner::{wake, Inner, Registration, ShardRef, Threads};
@@ -507,6 +509,9 @@ impl RuntimeBuilder {
             source,
         };
         let indexed = ensure_lane_index(&store, self.shards).map_err(store_error)?;
+        // Delayed messages hold room in their lanes from acceptance.
+        let (timers, _) = scan_timers(&store, &backlog).map_err(store_error)?;
+        let scheduler = Arc::new(Scheduler::load(&store).map_err(store_error)?);
         let shared = Arc::new(Shared {
             config: self.config.clone(),
             clock: self.clock.clone(),
@@ -517,6 +522,7 @@ impl RuntimeBuilder {
             feeds: (0..self.shards).map(|_| Default::default()).collect(),
             inbox_generations: (0..self.shards).map(|_| AtomicU64::new(0)).collect(),
         });
+        shared.stats.timers_pending.store(timers, Ordering::Release);
         // Every lane feeder (one per shard and lane, and the effect feeders, one per lane)
         // starts behind: each reads its whole lane once (recovery).
         shared.stats.feeds_behind.store(
@@ -563,6 +569,7 @@ impl RuntimeBuilder {
             shared: shared.clone(),
             store: store.clone(),
             effects: effects.clone(),
+            delayed: Arc::new(Delayed::default()),
             shards,
             registry: self.registry,
             closed: AtomicBool::new(false),
@@ -576,6 +583,7 @@ impl RuntimeBuilder {
             arbiters,
             purge_stop: Some(purge_stop),
             purge_thread: Some(purge_thread),
+            time_thread: None,
         });
         let handles: Vec<ArbiterHandle> = inner
             .threads
@@ -590,10 +598,15 @@ impl RuntimeBuilder {
                 ));
             }
         }
+        // The timer firer and the scheduler start last: what they fire finds its feeders.
+        let time_thread = time::start(Arc::downgrade(&inner), scheduler.clone())?;
+        if let Some(threads) = inner.threads.lock().as_mut() {
+            threads.time_thread = Some(time_thread);
+        }
         tracing::info!(target: "keystead", path = %self.path.display(), shards = self.shards,
-            recovered_messages = scan.entries, lane_index_written = indexed,
+            recovered_messages = scan.entries, delayed_messages = timers, lane_index_written = indexed,
             effects_pending, outbox_index_added = outbox_indexed, "runtime open");
-        Ok(Runtime { inner })
+        Ok(Runtime { inner, scheduler })
     }
 }
 

@@ -13,6 +13,8 @@ use crate::error::AdminError;
 use crate::priority::Priority;
 use crate::runtime::address::EntityRef;
 use crate::telemetry::RuntimeStats;
+use crate::time::scheduler::Scheduler;
+use crate::time::Schedules;
 
 use crate::runtime::inner::Inner;
 use crate::runtime::purge::purge_expired;
@@ -50,6 +52,7 @@ use crate::runtime::shared::check_key;
 /// ```
 pub struct Runtime {
     pub(crate) inner: Arc<Inner>,
+    pub(crate) scheduler: Arc<Scheduler>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -82,6 +85,14 @@ impl Runtime {
     /// every run with the same shard count.
     pub fn shard_of<E: Entity>(&self, key: &str) -> usize {
         self.inner.shard_index(E::NAME, key)
+    }
+
+    /// The runtime's schedules: create, pause, trigger, backfill, list (see [`Schedules`]).
+    pub fn schedules(&self) -> Schedules {
+        Schedules {
+            inner: Arc::downgrade(&self.inner),
+            scheduler: self.scheduler.clone(),
+        }
     }
 
     /// A snapshot of the counters.
@@ -142,8 +153,23 @@ impl Runtime {
             let before = stats.work_epoch.load(Ordering::SeqCst);
             let s = self.stats();
             let feeds_behind = stats.feeds_behind.load(Ordering::SeqCst);
+            let firing = stats.time_firing.load(Ordering::SeqCst);
+            // Delayed messages and scheduled runs already due are work too (their firer
+            // may not have woken yet).
+            let now = self.inner.shared.clock.now_ms();
+            let timers_due = self
+                .inner
+                .delayed
+                .next_due(&self.inner.store)
+                .ok()
+                .flatten()
+                .is_some_and(|due| due <= now);
+            let schedules_idle = self.scheduler.idle_at(now, before);
             let consistent = stats.work_epoch.load(Ordering::SeqCst) == before;
             let idle = s.in_flight == 0
+                && firing == 0
+                && !timers_due
+                && schedules_idle
                 && s.effect_lanes == 0
                 && feeds_behind == 0
                 && s.effect_types.iter().all(|t| {

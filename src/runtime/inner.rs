@@ -19,6 +19,7 @@ use crate::effects::Effects;
 use crate::entity::Entity;
 use crate::priority::Priority;
 use crate::runtime::admission::{self, Draining, Gate, Ticket};
+use crate::runtime::delayed::Delayed;
 use crate::runtime::mail::{Deliver, Job};
 use crate::runtime::shared::Shared;
 use crate::runtime::supervisor::Shard;
@@ -75,6 +76,8 @@ pub(crate) struct Threads {
     pub(crate) arbiters: Vec<Arbiter>,
     pub(crate) purge_stop: Option<Sender<()>>,
     pub(crate) purge_thread: Option<thread::JoinHandle<()>>,
+    /// The timer firer and the scheduler (`keystead-time`).
+    pub(crate) time_thread: Option<thread::JoinHandle<()>>,
 }
 
 /// The runtime's internals; entity handles hold it weakly.
@@ -82,6 +85,8 @@ pub(crate) struct Inner {
     pub shared: Arc<Shared>,
     pub store: Arc<Store>,
     pub effects: Arc<Effects>,
+    /// Delayed messages: claims and the firer's wake-up.
+    pub delayed: Arc<Delayed>,
     pub shards: Vec<ShardRef>,
     pub(crate) registry: HashMap<&'static str, Registration>,
     pub(crate) closed: AtomicBool,
@@ -207,6 +212,13 @@ impl Inner {
         }
         if let Some(handle) = threads.purge_thread.take() {
             let _ = handle.join();
+        }
+        // The timer firer and the scheduler look at `closed` after every wake-up.
+        self.delayed.wake.notify_waiters();
+        if let Some(handle) = threads.time_thread.take() {
+            if handle.thread().id() != thread::current().id() {
+                let _ = handle.join();
+            }
         }
         for arbiter in &threads.arbiters {
             arbiter.stop();

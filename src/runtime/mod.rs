@@ -9,6 +9,7 @@
 //! - [`actor`]: one entity's home;
 //! - [`supervisor`]: one shard, which starts and routes to its entities' actors;
 //! - [`inner`]: the shards, the registry, the store and the effect workers together;
+//! - [`delayed`]: delayed messages waiting for their due time (accept, cancel, fire);
 //! - [`address`]: typed entity addresses;
 //! - `feeder`: per shard and lane, moves work from the durable inbox into admission;
 //! - `purge`: background removal of expired dedup records;
@@ -20,6 +21,7 @@ pub(crate) mod address;
 pub(crate) mod admission;
 pub(crate) mod backlog;
 mod builder;
+pub(crate) mod delayed;
 mod feeder;
 mod handle;
 pub(crate) mod inner;
