@@ -559,6 +559,8 @@ async fn decide(inner: &Inner, entry: &mut Entry, now_ms: u64) -> Result<bool, S
                 ));
             }
             next.progress.counters.runs_dead_lettered += 1;
+            // Reported once: the run is over.
+            next.progress.running = None;
         }
     }
     if !waiting && next.progress == record.progress {
