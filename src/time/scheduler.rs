@@ -495,6 +495,14 @@ impl Scheduler {
                 || self.checked_epoch.load(Ordering::SeqCst) == epoch)
     }
 
+    /// Lowers the earliest due time `idle` reads to `due` (a schedule just created or
+    /// changed), before the scheduler's next pass has looked at it.
+    fn due_by(&self, due: Option<u64>) {
+        if let Some(due) = due {
+            self.next_due_ms.fetch_min(due, Ordering::SeqCst);
+        }
+    }
+
     /// One look at every schedule: decides and fires what is due. Returns when to wake
     /// next, and whether runs are buffered (then finished work must wake it too).
     async fn pass(&self, inner: &Inner) -> (Option<u64>, bool) {
@@ -893,6 +901,7 @@ impl Schedules {
             spec,
         };
         let status = status_of(&entry);
+        self.scheduler.due_by(entry.next_due_ms);
         entries.insert(entry.record.name.clone(), entry);
         drop(entries);
         self.scheduler.wake.notify_waiters();
@@ -964,6 +973,7 @@ impl Schedules {
             entry.record = record;
         }
         let status = status_of(entry);
+        self.scheduler.due_by(status.next_due_ms);
         drop(entries);
         self.scheduler.wake.notify_waiters();
         Ok(status)
