@@ -71,6 +71,8 @@
 //! - `fjall`: a second storage engine, chosen with
 //!   [`RuntimeBuilder::backend`]`(`[`Backend::Fjall`]`)`. Its flush is an `fdatasync`.
 //!   sled, the default, is always built.
+//! - `time-zones`: cron schedules in IANA time zones ([`Schedule::time_zone`]), with
+//!   chrono-tz's database; without it schedules run in UTC.
 //! - `testkit`: the `testkit` module, a seeded chaos harness that runs your entities under
 //!   duplicated, reordered and restarted delivery (`docs/testkit.md`).
 //!
