@@ -10,6 +10,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
+/// `d` in whole milliseconds, saturating (a duration past `u64::MAX` ms is "forever").
+pub(crate) fn ms_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `t` in milliseconds since the Unix epoch: 0 for a time before it, saturating after.
+pub(crate) fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(ms_of).unwrap_or(0)
+}
+
 /// What [`Clock::sleep_until`] returns.
 pub type Sleep<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -54,10 +64,7 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         // A clock before 1970 is a broken host; report the epoch rather than panic.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
+        epoch_ms(SystemTime::now())
     }
 }
 
@@ -90,7 +97,7 @@ impl ManualClock {
 
     /// Moves the clock forward by `by` (saturating).
     pub fn advance(&self, by: Duration) {
-        let by_ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        let by_ms = ms_of(by);
         let mut current = self.ms.load(Ordering::SeqCst);
         loop {
             let next = current.saturating_add(by_ms);

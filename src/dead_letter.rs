@@ -104,10 +104,7 @@ impl<E: Entity> Shed<E> {
             message_id: record.meta.message_id,
             correlation_id: record.meta.correlation_id,
             version: record.meta.version,
-            lane: Priority::ALL
-                .get(usize::from(record.lane))
-                .copied()
-                .unwrap_or_default(),
+            lane: Priority::from_index(record.lane).unwrap_or_default(),
             command: codec::decode("command", &record.command),
             accepted_at_ms: record.meta.accepted_at_ms,
             shed_at_ms: record.shed_at_ms,

@@ -53,6 +53,12 @@ impl Priority {
         }
     }
 
+    /// The lane at position `index` of [`Priority::ALL`] (a lane byte as stored), or `None`
+    /// for a byte no lane has.
+    pub(crate) fn from_index(index: u8) -> Option<Priority> {
+        Priority::ALL.get(usize::from(index)).copied()
+    }
+
     /// The lane's name in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

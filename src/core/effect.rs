@@ -228,7 +228,7 @@ pub(crate) fn outbox_key(
 pub(crate) fn effect_lane(space: Space, key: &[u8]) -> Priority {
     keys::parse(space, key)
         .and_then(|p| match p.suffix.len() {
-            13 => Priority::ALL.get(usize::from(p.suffix[12])).copied(),
+            13 => Priority::from_index(p.suffix[12]),
             _ => None,
         })
         .unwrap_or_default()

@@ -106,7 +106,7 @@ pub(crate) fn inbox_in(entity: &str, key: &str, seq: u64, lane: Priority) -> Vec
 pub(crate) fn inbox_lane(suffix: &[u8]) -> Option<Priority> {
     match suffix.len() {
         8 => Some(Priority::Normal),
-        9 => Priority::ALL.get(usize::from(suffix[8])).copied(),
+        9 => Priority::from_index(suffix[8]),
         _ => None,
     }
 }

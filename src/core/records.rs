@@ -101,6 +101,8 @@ pub(crate) struct RaiseRecord {
 pub(crate) struct TimerRecord {
     pub entity: String,
     pub key: String,
+    /// Its message id (also inside `inbox`; kept here so firing decodes nothing more).
+    pub message_id: String,
     /// Its lane (`Priority::index`).
     pub lane: u8,
     /// The encoded `InboxRecord`.

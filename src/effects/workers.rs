@@ -821,12 +821,9 @@ impl Effects {
             _ => None,
         };
         match (raised, seq) {
-            (Some(raise), Some(seq)) if seq <= raise.up_to_seq => own.max(
-                Priority::ALL
-                    .get(usize::from(raise.lane))
-                    .copied()
-                    .unwrap_or(own),
-            ),
+            (Some(raise), Some(seq)) if seq <= raise.up_to_seq => {
+                own.max(Priority::from_index(raise.lane).unwrap_or(own))
+            }
             _ => own,
         }
     }

@@ -1066,10 +1066,7 @@ impl<E: Entity> EntityActor<E> {
             }
             AdminAction::RequeueShed => match codec::decode::<ShedRecord>("shed message", &bytes) {
                 Ok(shed) => {
-                    let lane = Priority::ALL
-                        .get(usize::from(shed.lane))
-                        .copied()
-                        .unwrap_or_default();
+                    let lane = Priority::from_index(shed.lane).unwrap_or_default();
                     (shed.meta, shed.command, lane)
                 }
                 Err(source) => {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::oneshot;
 
+use crate::clock::{epoch_ms, ms_of};
 use crate::core::apply::{Loaded, OutcomeOf};
 use crate::core::codec;
 use crate::core::keys::{self, MESSAGE_ID_LEN_MAX};
@@ -730,11 +731,7 @@ impl<E: Entity> Tell<E> {
     /// # rt.shutdown().await; Ok(()) }
     /// ```
     pub fn at(mut self, at: std::time::SystemTime) -> Self {
-        let ms = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        self.options.due = Some(Due::At(ms));
+        self.options.due = Some(Due::At(epoch_ms(at)));
         self
     }
 }
@@ -753,9 +750,7 @@ impl<E: Entity> IntoFuture for Tell<E> {
             let due_ms = match self.options.due {
                 None => None,
                 Some(Due::At(ms)) => Some(ms),
-                Some(Due::After(delay)) => Some(
-                    now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
-                ),
+                Some(Due::After(delay)) => Some(now_ms.saturating_add(ms_of(delay))),
             }
             .filter(|due| *due > now_ms);
             let meta = self.options.meta::<E>(&key, now_ms)?;

@@ -510,7 +510,7 @@ impl RuntimeBuilder {
         };
         let indexed = ensure_lane_index(&store, self.shards).map_err(store_error)?;
         // Delayed messages hold room in their lanes from acceptance.
-        let (timers, _) = scan_timers(&store, &backlog).map_err(store_error)?;
+        let timers = scan_timers(&store, &backlog).map_err(store_error)?;
         let scheduler = Arc::new(Scheduler::load(&store).map_err(store_error)?);
         let shared = Arc::new(Shared {
             config: self.config.clone(),

@@ -127,6 +127,7 @@ impl Delayed {
         let record = TimerRecord {
             entity: entity.to_string(),
             key: key.to_string(),
+            message_id: message_id.to_string(),
             lane: lane.index() as u8,
             inbox,
         };
@@ -166,10 +167,7 @@ impl Delayed {
             .commit(vec![Op::Delete(timer.clone()), Op::Delete(id)])
             .await?;
         if let Some(record) = record {
-            let lane = Priority::ALL
-                .get(usize::from(record.lane))
-                .copied()
-                .unwrap_or_default();
+            let lane = Priority::from_index(record.lane).unwrap_or_default();
             shared.backlog.release(lane, record.inbox.len() as u64);
         }
         Stats::drop_one(&shared.stats.timers_pending);
@@ -190,8 +188,7 @@ impl Delayed {
     }
 
     /// Moves every timer due at `now_ms` (up to [`FIRE_BATCH_MAX`]) into the inbox, in due
-    /// order, in one atomic batch, and tells their lane feeders. `lane_index` gives the
-    /// lane index key of an inbox entry.
+    /// order, in one atomic batch, and tells their lane feeders.
     pub(crate) async fn fire_due(
         &self,
         store: &Store,
@@ -224,21 +221,19 @@ impl Delayed {
                     continue;
                 }
             };
-            let lane = Priority::ALL.get(usize::from(record.lane)).copied();
-            let message_id = codec::decode::<crate::core::records::InboxRecord>(
-                "delayed inbox entry",
-                &record.inbox,
-            )
-            .map(|inbox| inbox.meta.message_id);
-            let (Some(lane), Ok(message_id)) = (lane, message_id) else {
-                self.skip_broken(&timer, "its lane or its message does not decode");
+            let Some(lane) = Priority::from_index(record.lane) else {
+                self.skip_broken(&timer, "its lane is not one keystead knows");
                 continue;
             };
-            if record.entity.is_empty() || record.entity.len() > keys::ENTITY_NAME_LEN_MAX {
-                self.skip_broken(&timer, "its entity type name is not valid");
+            if record.entity.is_empty()
+                || record.entity.len() > keys::ENTITY_NAME_LEN_MAX
+                || record.key.is_empty()
+                || record.key.len() > keys::ENTITY_KEY_LEN_MAX
+            {
+                self.skip_broken(&timer, "its entity type name or key is not valid");
                 continue;
             }
-            let id = keys::timer_id(&record.entity, &record.key, &message_id);
+            let id = keys::timer_id(&record.entity, &record.key, &record.message_id);
             let Some(claim) = self.try_claim(&id) else {
                 // Being cancelled right now: the cancel decides; look again once it is done.
                 pass.contended = true;
@@ -250,10 +245,9 @@ impl Delayed {
             }
             let seq = shared.next_seq();
             seq_max = seq;
+            // Under the claim, `K` names this timer: accept writes one only where none is.
             ops.push(Op::Delete(timer.clone()));
-            if store.get(&id)?.as_deref() == Some(timer.as_slice()) {
-                ops.push(Op::Delete(id));
-            }
+            ops.push(Op::Delete(id));
             ops.push(Op::Put(
                 keys::inbox_in(&record.entity, &record.key, seq, lane),
                 record.inbox,
@@ -297,27 +291,23 @@ impl Delayed {
 }
 
 /// Counts the timers at open into `backlog`, per lane (they hold room from acceptance), and
-/// returns how many there are and the highest sequence their keys use.
+/// returns how many there are.
 pub(crate) fn scan_timers(
     store: &Store,
     backlog: &crate::runtime::backlog::Backlog,
-) -> Result<(u64, u64), StoreError> {
-    let (mut count, mut seq_max) = (0, 0);
+) -> Result<u64, StoreError> {
+    let mut count = 0;
     for entry in store.scan_prefix(&[Space::Timer as u8])? {
         let (key, value) = entry?;
-        let Some((_, seq)) = keys::timer_position(&key) else {
+        if keys::timer_position(&key).is_none() {
             continue;
-        };
+        }
         let Ok(record) = codec::decode::<TimerRecord>("timer", &value) else {
             continue;
         };
-        let lane = Priority::ALL
-            .get(usize::from(record.lane))
-            .copied()
-            .unwrap_or_default();
+        let lane = Priority::from_index(record.lane).unwrap_or_default();
         backlog.force(lane, record.inbox.len() as u64);
         count += 1;
-        seq_max = seq_max.max(seq);
     }
-    Ok((count, seq_max))
+    Ok(count)
 }

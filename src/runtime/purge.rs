@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 
+use crate::clock::ms_of;
 use crate::core::codec;
 use crate::core::keys::Space;
 use crate::core::records::DedupStamp;
@@ -45,8 +46,7 @@ pub(crate) fn start_purge(
 /// and never one rewritten since it was read.
 pub(crate) fn purge_expired(inner: &Inner) -> Result<u64, StoreError> {
     let now = inner.shared.clock.now_ms();
-    let retention_ms =
-        u64::try_from(inner.shared.config.dedup_retention.as_millis()).unwrap_or(u64::MAX);
+    let retention_ms = ms_of(inner.shared.config.dedup_retention);
     let mut removed = 0;
     for entry in inner.store.scan_prefix(&[Space::Dedup as u8])? {
         let (key, value) = entry?;

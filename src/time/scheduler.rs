@@ -18,10 +18,11 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
+use crate::clock::{epoch_ms, ms_of};
 use crate::core::codec;
 use crate::core::effect::EffectRecord;
 use crate::core::keys::{self, Space};
@@ -121,7 +122,7 @@ impl<E: Entity> Schedule<E> {
     /// A schedule named `name` that sends `command` every `interval`, on a grid from the
     /// Unix epoch (an hourly schedule runs on the hour, UTC, whenever it was created).
     pub fn every(name: impl Into<String>, interval: Duration, command: E::Command) -> Self {
-        let every_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let every_ms = ms_of(interval);
         Self::new(
             name,
             SpecRecord::Every {
@@ -263,7 +264,7 @@ impl<E: Entity> Schedule<E> {
             check_key(E::NAME, key).map_err(|e| invalid("targets", e.to_string()))?;
         }
         let spec = Spec::parse(&self.spec).map_err(|reason| invalid("spec", reason))?;
-        let jitter_ms = u64::try_from(self.jitter.as_millis()).unwrap_or(u64::MAX);
+        let jitter_ms = ms_of(self.jitter);
         if let SpecRecord::Every { every_ms, .. } = self.spec {
             if jitter_ms >= every_ms {
                 return Err(invalid(
@@ -305,7 +306,7 @@ impl<E: Entity> Schedule<E> {
             jitter_ms,
             overlap: self.overlap,
             buffer_max: self.buffer_max,
-            catch_up_window_ms: u64::try_from(self.catch_up_window.as_millis()).unwrap_or(u64::MAX),
+            catch_up_window_ms: ms_of(self.catch_up_window),
             catch_up_runs_max: self.catch_up_runs_max,
             pause_on_failure: self.pause_on_failure,
             created_at_ms: now_ms,
@@ -550,10 +551,11 @@ async fn decide(inner: &Inner, entry: &mut Entry, now_ms: u64) -> Result<bool, S
     );
     entry.next_due_ms = next_due;
     let progress = &record.progress;
-    let waiting = due.count > 0 || !progress.buffered.is_empty();
-    let check = progress
-        .running
-        .filter(|_| waiting && progress.paused.is_none());
+    if due.count == 0 && progress.buffered.is_empty() {
+        // Nothing due and nothing waiting: nothing to decide (and no copy of the record).
+        return Ok(false);
+    }
+    let check = progress.running.filter(|_| progress.paused.is_none());
     let mut next = record.clone();
     let mut finished = true;
     if let Some(running) = check {
@@ -570,9 +572,6 @@ async fn decide(inner: &Inner, entry: &mut Entry, now_ms: u64) -> Result<bool, S
             // Reported once: the run is over.
             next.progress.running = None;
         }
-    }
-    if !waiting && next.progress == record.progress {
-        return Ok(false);
     }
     let buffered_before = next.progress.buffered.len() as u64;
     let decisions = plan(&mut next.progress, &rules, &due, finished, now_ms);
@@ -618,10 +617,7 @@ fn rules_of(record: &ScheduleRecord) -> Rules {
 }
 
 fn lane_of(record: &ScheduleRecord) -> Priority {
-    Priority::ALL
-        .get(usize::from(record.lane))
-        .copied()
-        .unwrap_or_default()
+    Priority::from_index(record.lane).unwrap_or_default()
 }
 
 /// What the store says of one run.
@@ -1039,14 +1035,9 @@ impl Schedules {
         to: SystemTime,
     ) -> Result<u64, ScheduleError> {
         let inner = self.runtime()?;
-        let ms = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        };
-        let (from_ms, to_ms) = (ms(from), ms(to));
+        let (from_ms, to_ms) = (epoch_ms(from), epoch_ms(to));
         let now = inner.shared.clock.now_ms();
-        let retention =
-            u64::try_from(inner.shared.config.dedup_retention.as_millis()).unwrap_or(u64::MAX);
+        let retention = ms_of(inner.shared.config.dedup_retention);
         let horizon_ms = now.saturating_sub(retention);
         if from_ms < horizon_ms {
             return Err(ScheduleError::BackfillTooOld {
