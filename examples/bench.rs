@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
 mod item;
 use item::Item;
 
+#[path = "support/proc.rs"]
+mod proc;
+use proc::status_kib;
+
 const SENDERS: usize = 64;
 const KEYS: u64 = 10_000;
 const RELAXED: Durability = Durability::Relaxed {
@@ -94,16 +98,6 @@ impl Measured {
             per_flush: get("per_flush").parse().unwrap_or(0.0),
         }
     }
-}
-
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn percentiles(mut latencies: Vec<u32>) -> (u64, u64) {

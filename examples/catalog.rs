@@ -27,6 +27,10 @@ use keystead::{
 };
 use serde::{Deserialize, Serialize};
 
+#[path = "support/proc.rs"]
+mod proc;
+use proc::status_kib;
+
 // ---------------------------------------------------------------------------------------
 // The catalog: what a user writes.
 
@@ -215,14 +219,7 @@ impl AsyncExecutor<Enrich> for EnrichmentApi {
 }
 
 fn peak_rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    kib / 1024
+    status_kib("VmHWM:") / 1024
 }
 
 /// Fast-path latencies (µs) of the current phase.

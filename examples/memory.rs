@@ -16,15 +16,9 @@ use keystead::Runtime;
 mod item;
 use item::Item;
 
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
+#[path = "support/proc.rs"]
+mod proc;
+use proc::status_kib;
 
 fn dir_bytes(path: &Path) -> u64 {
     std::fs::read_dir(path)

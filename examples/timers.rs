@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 use keystead::{Context, Entity, Failure, FailureKind, Runtime};
 use serde::{Deserialize, Serialize};
 
+#[path = "support/proc.rs"]
+mod proc;
+use proc::status_kib;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 #[error("never")]
 struct Never;
@@ -33,16 +37,6 @@ impl Entity for Probe {
         *late = Some(ctx.now_ms().saturating_sub(*due_ms));
         Ok(())
     }
-}
-
-fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
@@ -100,7 +94,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 2. Memory: `pending` timers due in an hour.
-    let before = rss_kib("VmRSS:");
+    let before = status_kib("VmRSS:");
     let sent = Instant::now();
     let due = std::time::SystemTime::now() + Duration::from_secs(3600);
     let mut sends = Vec::new();
@@ -118,7 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for s in sends {
         s.await??;
     }
-    let after = rss_kib("VmRSS:");
+    let after = status_kib("VmRSS:");
     println!(
         "{pending} pending timers accepted in {:.1} s ({:.0}/s); RSS {} MiB before, {} MiB after (+{} MiB), peak {} MiB; timers_pending {}",
         sent.elapsed().as_secs_f64(),
@@ -126,7 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         before / 1024,
         after / 1024,
         after.saturating_sub(before) / 1024,
-        rss_kib("VmHWM:") / 1024,
+        status_kib("VmHWM:") / 1024,
         rt.stats().timers_pending
     );
     rt.shutdown().await;
