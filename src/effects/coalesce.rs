@@ -8,11 +8,13 @@
 //! held across I/O), settle it:
 //! - a worker *starting* a coalescing effect marks it current, then reads it again from the
 //!   store: gone means superseded (it skips it); a key being superseded is not marked;
-//! - a message superseding takes only effects not current, and marks them superseding until
-//!   its commit has landed (or failed).
+//! - a message superseding takes only effects not current, marks them superseding until its
+//!   commit has landed (or failed), and then reads each again: one a worker ran and finished
+//!   between the message's scan and its marks is gone (or no longer pending) and is left out.
 //!
-//! Either the worker marked first (the message leaves the effect alone), or the message
-//! did (the worker skips it, or finds it gone once the commit landed).
+//! Either the worker marked first (the message leaves the effect alone, or finds it
+//! finished when it reads it again), or the message did (the worker skips it, or finds it
+//! gone once the commit landed).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -124,6 +126,19 @@ impl Drop for Superseding {
 }
 
 impl Effects {
+    /// Lifts the superseding marks of `keys` (effects a message took and then let go).
+    fn unmark(&self, id: &Id, keys: &[Vec<u8>]) {
+        if keys.is_empty() {
+            return;
+        }
+        self.coalescer().edit(id, |m| {
+            for key in keys {
+                m.superseding.remove(key);
+            }
+            false
+        });
+    }
+
     /// Marks the coalescing effect under `outbox_key` as being attempted, unless it is
     /// being superseded or is gone (superseded and committed): then `Ok(None)`, and it must
     /// not run. `Err` when the store cannot be read (it waits for a later wake).
@@ -203,6 +218,29 @@ impl Effects {
             }
             false
         });
+        // Marked: no worker starts them from now on. Read each again: the scan above may be
+        // stale, a worker may have run one and moved it to the history (`Done`) between the
+        // scan and the marks. Such an effect is no longer this message's to supersede.
+        let all: Vec<Vec<u8>> = taken.iter().map(|(k, _, _)| k.clone()).collect();
+        let mut fresh = Vec::with_capacity(taken.len());
+        let mut gone = Vec::new();
+        for (outbox_key, _, new) in taken {
+            let now = match self.store().get(&outbox_key) {
+                Ok(now) => now,
+                Err(e) => {
+                    self.unmark(&id, &all);
+                    return Err(e);
+                }
+            };
+            match now.and_then(|v| codec::decode::<EffectRecord>("effect record", &v).ok()) {
+                Some(record) if record.info.status == EffectStatus::Pending => {
+                    fresh.push((outbox_key, record, new));
+                }
+                _ => gone.push(outbox_key),
+            }
+        }
+        self.unmark(&id, &gone);
+        let taken = fresh;
         if taken.is_empty() {
             return Ok(None);
         }
