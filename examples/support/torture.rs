@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use keystead::{
     BacklogKind, Context, Effect, EffectContext, EffectError, Entity, Executor, Failure,
-    FailureKind, Feedback, LaneLimits, Outcome, Priority, Recorded, RetryPolicy, Runtime,
-    SubmitError, WhenFull,
+    FailureKind, Feedback, LaneLimits, Outcome, Overlap, Priority, Recorded, RetryPolicy, Runtime,
+    Schedule, SubmitError, WhenFull,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,22 @@ pub const LOW_PENDING_MAX: u64 = 4;
 pub const LOW_OUTBOX_MAX: u64 = 2;
 /// The effect workers at once (`effect_lanes_max`).
 pub const EFFECT_WORKERS: usize = 3;
+/// The schedule every child keeps (created idempotently at each open): a run every 20 ms
+/// to the first [`SCHEDULE_TARGETS`] keys.
+pub const SCHEDULE: &str = "torture-tick";
+/// How many keys each scheduled run goes to.
+pub const SCHEDULE_TARGETS: u64 = 5;
+
+/// The schedule every child creates (the same definition each time: a no-op after the
+/// first). `AllowAll`, so that a run is written every 20 ms under the kills; after a
+/// restart the latest 3 runs of the last second are caught up.
+fn schedule() -> Schedule<LedgerEntity> {
+    Schedule::<LedgerEntity>::every(SCHEDULE, Duration::from_millis(20), ())
+        .to_each((0..SCHEDULE_TARGETS).map(|k| format!("k{k}")))
+        .overlap(Overlap::AllowAll)
+        .catch_up_window(Duration::from_secs(1))
+        .catch_up_runs_max(3)
+}
 
 /// The engine and the durability mode a torture runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -299,6 +315,10 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
         let _ = out.write_all(b"opening\n").and_then(|()| out.flush());
     }
     let rt = runtime(dir, mode).expect("open");
+    rt.schedules()
+        .create(schedule())
+        .await
+        .expect("the schedule");
     let append = |name: &str| {
         let file = OpenOptions::new()
             .create(true)
@@ -307,6 +327,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
         Arc::new(Mutex::new(file.expect("an append-only log")))
     };
     let (acks, sheds) = (append("acks.log"), append("sheds.log"));
+    let delayed = append("delayed.log");
     let refused = append("outbox-refused.log");
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..KEYS).map(|_| AtomicU64::new(run << 32)).collect());
@@ -316,7 +337,7 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                 .map(|k| rt.entity::<LedgerEntity>(format!("k{k}")))
                 .collect();
             let (acks, sheds, versions) = (acks.clone(), sheds.clone(), versions.clone());
-            let refused = refused.clone();
+            let (refused, delayed) = (refused.clone(), delayed.clone());
             tokio::spawn(async move {
                 let mut rng = run.wrapping_mul(1_000_003) ^ s;
                 let mut sent: Vec<(u64, String)> = Vec::new();
@@ -349,7 +370,15 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                             Err(_) => false,
                         }
                     } else {
-                        let told = e.tell(()).id(id.clone()).version(version);
+                        // One tell in five is delayed by up to 40 ms (without a version:
+                        // later sends would make it stale by the time it is due).
+                        let delay = (roll >> 16)
+                            .is_multiple_of(5)
+                            .then(|| Duration::from_millis((roll >> 20) % 40));
+                        let told = match delay {
+                            Some(delay) => e.tell(()).id(id.clone()).after(delay),
+                            None => e.tell(()).id(id.clone()).version(version),
+                        };
                         let told = told.priority(priority);
                         let told = if sheddable {
                             told.sheddable().await
@@ -362,7 +391,12 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
                                 log_ack(&sheds, &format!("k{k}"), &id);
                                 false
                             }
-                            Ok(_) => true,
+                            Ok(accepted) => {
+                                if accepted.due_at_ms.is_some() {
+                                    log_ack(&delayed, &format!("k{k}"), &id);
+                                }
+                                true
+                            }
                             Err(SubmitError::Overloaded { .. }) => false,
                             Err(_) => false,
                         }
@@ -437,6 +471,9 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
         writer.abort();
         reader.abort();
     }
+    // A drain run stops the schedule (its runs so far are checked) and delivers every
+    // delayed message before it stops.
+    quiesce(&rt).await;
     rt.idle().await;
     rt.shutdown().await;
 }
@@ -482,6 +519,13 @@ pub struct Report {
     pub outbox_refused: u64,
     /// Recovered low messages that waited for room in the low outbox lane at verification.
     pub outbox_waits: u64,
+    /// Acknowledged tells that were delayed (`Tell::after`); counted in `acknowledged` too.
+    pub delayed_acknowledged: u64,
+    /// Runs the schedule recorded as fired (its durable counter).
+    pub schedule_runs: u64,
+    /// Fired runs missing at a target, or applied at a target and not counted fired, or
+    /// applied at some targets and not others (a run is written to all in one batch).
+    pub schedule_runs_wrong: u64,
     pub seconds: f64,
 }
 
@@ -499,10 +543,11 @@ impl Report {
             && self.inbox_left == 0
             && (relaxed || self.shed_lost == 0)
             && self.shed_twice == 0
+            && (relaxed || self.schedule_runs_wrong == 0)
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 25] = [
+        let rows: [(&str, String); 28] = [
             ("mode", self.mode.clone()),
             ("kills (SIGKILL)", self.kills.to_string()),
             (
@@ -568,6 +613,15 @@ impl Report {
             (
                 "messages that waited for outbox room (verification)",
                 self.outbox_waits.to_string(),
+            ),
+            (
+                "delayed tells acknowledged (of the above)",
+                self.delayed_acknowledged.to_string(),
+            ),
+            ("scheduled runs fired", self.schedule_runs.to_string()),
+            (
+                "SCHEDULED RUNS LOST, EXTRA OR PARTIAL",
+                self.schedule_runs_wrong.to_string(),
             ),
             ("seconds", format!("{:.1}", self.seconds)),
         ];
@@ -766,6 +820,7 @@ fn double_applied(states: &HashMap<String, (u64, Ledger)>) -> u64 {
 
 async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report: &mut Report) {
     let rt = runtime(dir, mode).expect("open for verification");
+    quiesce(&rt).await;
     rt.idle().await;
     report.inbox_left = rt.inbox_len().await.expect("inbox");
     let acked = acknowledgements(dir);
@@ -776,6 +831,8 @@ async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report
         report.version_regressions += state.regressions;
     }
     report.double_applied += double_applied(&before);
+    report.delayed_acknowledged = read_lines(&dir.join("delayed.log")).len() as u64;
+    verify_schedule(&rt, &before, report).await;
     for line in read_lines(&dir.join("reads.log")) {
         let Some((key, revision)) = line.split_once(' ') else {
             continue;
@@ -868,6 +925,58 @@ async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report
         .await
         .expect("dead letters decode");
     rt.shutdown().await;
+}
+
+/// Stops the schedule, if a child created it (a run every 20 ms would keep the runtime from
+/// ever being idle; the runs so far stay to be checked), and waits until every delayed
+/// message is delivered (each is due within 40 ms of its acceptance).
+async fn quiesce(rt: &Runtime) {
+    match rt.schedules().pause(SCHEDULE).await {
+        Ok(_) | Err(keystead::ScheduleError::NotFound { .. }) => {}
+        Err(e) => panic!("pausing the schedule: {e}"),
+    }
+    rt.wait_until(|s| s.timers_pending == 0).await;
+}
+
+/// Every run the schedule counted fired is applied once at every target, and nothing else:
+/// the runs' inbox entries and the schedule's counter are written in one batch.
+async fn verify_schedule(
+    rt: &Runtime,
+    states: &HashMap<String, (u64, Ledger)>,
+    report: &mut Report,
+) {
+    let status = rt
+        .schedules()
+        .status(SCHEDULE)
+        .await
+        .expect("schedules")
+        .expect("the schedule exists");
+    report.schedule_runs = status.fired;
+    let runs_at = |k: u64| -> HashSet<&String> {
+        states
+            .get(&format!("k{k}"))
+            .map(|(_, s)| {
+                s.applied
+                    .iter()
+                    .filter(|id| id.starts_with("schedule:"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let first = runs_at(0);
+    for k in 0..SCHEDULE_TARGETS {
+        let runs = runs_at(k);
+        let partial = runs.symmetric_difference(&first).count() as u64;
+        let count_off = (runs.len() as u64).abs_diff(status.fired);
+        if partial + count_off > 0 {
+            eprintln!(
+                "SCHEDULED RUNS: k{k} applied {} runs, {partial} not at k0; the schedule fired {}",
+                runs.len(),
+                status.fired
+            );
+        }
+        report.schedule_runs_wrong += partial + count_off;
+    }
 }
 
 /// What [`fresh_open_torture`] found.
@@ -968,6 +1077,9 @@ pub async fn fresh_open_torture(
                 continue;
             }
         };
+        // The schedule (if a child got as far as creating it) stops: a run every 20 ms
+        // would keep the runtime from ever being idle. Delayed tells are delivered first.
+        quiesce(&rt).await;
         // Accepted tells are processed from the inbox first; a resend is then a duplicate.
         rt.idle().await;
         for (key, id, _) in acknowledgements(&dir) {

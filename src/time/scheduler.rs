@@ -511,10 +511,10 @@ impl Scheduler {
         let epoch = stats.work_epoch.load(Ordering::SeqCst);
         let mut entries = self.entries.lock().await;
         let now = inner.shared.clock.now_ms();
-        let (mut next, mut buffered, mut acted) = (None::<u64>, 0u64, false);
+        let (mut next, mut buffered) = (None::<u64>, 0u64);
         for entry in entries.values_mut() {
             match decide(inner, entry, now).await {
-                Ok(fired) => acted |= fired,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(target: "keystead", schedule = %entry.record.name, error = %e,
                         "a schedule's runs could not be written; trying again");
@@ -524,14 +524,19 @@ impl Scheduler {
             if let Some(due) = entry.next_due_ms {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
-            buffered += entry.record.progress.buffered.len() as u64;
+            // Runs buffered in a paused schedule wait for its resume, not for work.
+            if entry.record.progress.paused.is_none() {
+                buffered += entry.record.progress.buffered.len() as u64;
+            }
         }
         self.next_due_ms
             .store(next.unwrap_or(u64::MAX), Ordering::SeqCst);
         self.buffered.store(buffered, Ordering::SeqCst);
-        if !acted {
-            self.checked_epoch.store(epoch, Ordering::SeqCst);
-        }
+        // Every change of work up to `epoch` has been looked at (what this pass fired moved
+        // the epoch on, and is in flight).
+        self.checked_epoch.store(epoch, Ordering::SeqCst);
+        // Always: `idle` may be waiting for this pass's due time (the first pass after open
+        // replaces the initial 0).
         stats.notify();
         (next, buffered > 0)
     }
@@ -743,21 +748,28 @@ async fn fire(
         detail,
     })?;
     ops.push(Op::Put(keys::schedule(&record.name), bytes));
-    shared.stats.work_up(&shared.stats.time_firing);
+    // Inbox entries being written are work `idle` waits for, until their feeders know;
+    // a write of the progress alone (a skipped run's count) is not.
+    let work = !accepted.is_empty();
+    if work {
+        shared.stats.work_up(&shared.stats.time_firing);
+    }
     let committed = inner.store.commit_with_seq(ops, seq_max).await;
-    if let Err(e) = committed {
+    if committed.is_ok() {
+        for (target, seq) in &accepted {
+            shared.accepted(&record.entity, target, lane, *seq);
+        }
+    } else {
         shared.backlog.release_n(lane, taken, taken_bytes);
+    }
+    if work {
         shared.stats.work_down(&shared.stats.time_firing);
-        return Err(e);
     }
-    for (target, seq) in &accepted {
-        shared.accepted(&record.entity, target, lane, *seq);
-    }
+    committed?;
     shared
         .stats
         .schedule_runs
         .fetch_add(nominals.len() as u64, Ordering::Relaxed);
-    shared.stats.work_down(&shared.stats.time_firing);
     if !nominals.is_empty() {
         tracing::info!(target: "keystead", schedule = %record.name, runs = nominals.len(),
             targets = record.targets.len(), "scheduled runs fired");
