@@ -9,9 +9,10 @@
 //! Products arrive at a steady rate. The fast path validates them, stores name, brand and
 //! price, and makes them findable at once through a fast effect that updates an in-process
 //! search index. The slow path enriches each product through an external API that is slow,
-//! rate-limited and, for 20 seconds, down. The first part of this file is all a user writes
-//! (127 lines of code as rustfmt lays them out, without comments and blank lines: the
-//! entity, its two effects, their executors and the runtime's settings); the rest simulates
+//! rate-limited and, for 20 seconds, down. A schedule refreshes stale details periodically,
+//! in the `Low` lane. The first part of this file is all a user writes (156 lines of code
+//! as rustfmt lays them out, without comments and blank lines: the entity, its two effects,
+//! their executors, the refresh schedule and the runtime's settings); the rest simulates
 //! the API and the supplier feed, and prints what happened.
 
 use std::collections::HashMap;
@@ -19,11 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keystead::merge::{Newest, Owned, Owner};
+use keystead::merge::{Max, Newest, Owned, Owner};
 use keystead::{
     AsyncExecutor, BreakerPolicy, BreakerState, Context, Effect, EffectContext, EffectError,
     EffectLimits, Entity, Executor, Failure, FailureKind, Feedback, Priority, Rate, RetryPolicy,
-    Runtime, SubmitError,
+    Runtime, Schedule, SubmitError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,8 @@ struct Product {
     price_cents: Owned<u64, Fast>,
     /// `None` until enriched: shown as "details loading...".
     details: Newest<String>,
+    /// When the details were last fetched (runtime clock, ms).
+    enriched_at_ms: Max<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +68,8 @@ enum ProductCmd {
         price_cents: u64,
         version: u64,
     },
+    /// From the refresh schedule: fetch the details again if older than `max_age_ms`.
+    Refresh { max_age_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
@@ -105,6 +110,7 @@ impl Entity for Product {
                     name: name.clone(),
                     price_cents: *price_cents,
                     version: *version,
+                    refresh: false,
                 });
             }
             ProductCmd::Enriched {
@@ -113,8 +119,26 @@ impl Entity for Product {
                 version,
             } => {
                 p.details.set(details.clone(), *version);
+                p.enriched_at_ms.set(ctx.now_ms());
                 // The API's price is refused (`NotOwner`): the fast path's stays.
                 let _ = p.price_cents.set("enrichment", *price_cents, *version);
+            }
+            ProductCmd::Refresh { max_age_ms } => {
+                let age = |at: &u64| ctx.now_ms().saturating_sub(*at);
+                if let (Some(name), Some(price), true) = (
+                    p.name.get(),
+                    p.price_cents.get(),
+                    p.enriched_at_ms
+                        .get()
+                        .is_some_and(|at| age(at) >= *max_age_ms),
+                ) {
+                    ctx.effect(Enrich {
+                        name: name.clone(),
+                        price_cents: *price,
+                        version: ctx.version().unwrap_or(0),
+                        refresh: true,
+                    });
+                }
             }
         }
         Ok(())
@@ -139,6 +163,7 @@ struct Enrich {
     name: String,
     price_cents: u64,
     version: u64,
+    refresh: bool,
 }
 impl Effect for Enrich {
     const NAME: &'static str = "enrich";
@@ -180,18 +205,33 @@ fn open(dir: &std::path::Path, index: SearchIndex, api: EnrichmentApi) -> Runtim
         .expect("open the catalog")
 }
 
+/// The slow path's periodic refresh: every `REFRESH_EVERY`, each product of `keys` is told
+/// to fetch its details again if they are older than `REFRESH_AGE`. Low priority and
+/// sheddable: it never delays the fast path, and a full lane sets it aside, not the feed.
+fn refresh(keys: impl IntoIterator<Item = String>) -> Schedule<Product> {
+    let max_age_ms = REFRESH_AGE.as_millis() as u64;
+    Schedule::every("refresh", REFRESH_EVERY, ProductCmd::Refresh { max_age_ms })
+        .to_each(keys)
+        .priority(Priority::Low)
+        .sheddable()
+}
+
 // ---------------------------------------------------------------------------------------
 // The world around it: a simulated enrichment API, the supplier feed, the clock.
 
 const RATE_PER_S: u32 = 500;
 const NEW_PER_S: u64 = 100;
 const OUTAGE: Duration = Duration::from_secs(20);
+/// A day and an hour, compressed as the outage is.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
+const REFRESH_AGE: Duration = Duration::from_secs(10);
 
 /// 15 ms per call; down while `down`. Counts every call and remembers who succeeded when.
 #[derive(Clone, Default)]
 struct EnrichmentApi {
     down: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
+    refreshed: Arc<AtomicU64>,
     enriched: Arc<Mutex<Vec<(String, Instant)>>>,
 }
 impl AsyncExecutor<Enrich> for EnrichmentApi {
@@ -205,7 +245,9 @@ impl AsyncExecutor<Enrich> for EnrichmentApi {
         if self.down.load(Ordering::Relaxed) {
             return Err(EffectError::retryable("503 Service Unavailable"));
         }
-        if let Ok(mut enriched) = self.enriched.lock() {
+        if e.refresh {
+            self.refreshed.fetch_add(1, Ordering::Relaxed);
+        } else if let Ok(mut enriched) = self.enriched.lock() {
             enriched.push((ctx.effect_key().key.clone(), Instant::now()));
         }
         let details = format!("{} - spec sheet, 4 photos, 12 reviews", e.name);
@@ -328,9 +370,10 @@ fn report(rt: &Runtime, phase: &str, lat: &Latencies, api: &EnrichmentApi, refus
         .map(|p| format!("{p}={}", s.effect_priority(*p).pending))
         .collect();
     println!(
-        "[{phase:>8}] fast ask p50 {p50:.2} ms p99 {p99:.2} ms | outbox {} | breaker {:?} (opened {}, probes {}) | parked {} | api calls {} | enriched {} | superseded {} | dead {} | refused {} | shed {} | peak RSS {} MiB",
+        "[{phase:>8}] fast ask p50 {p50:.2} ms p99 {p99:.2} ms | outbox {} | breaker {:?} (opened {}, probes {}) | parked {} | api calls {} | enriched {} | refresh runs {} refreshed {} | superseded {} | dead {} | refused {} | shed {} | peak RSS {} MiB",
         backlog.join(" "), enrich.breaker, enrich.breaker_opened, enrich.probes, enrich.parked,
         api.calls.load(Ordering::Relaxed), api.enriched.lock().unwrap().len(),
+        s.schedule_runs, api.refreshed.load(Ordering::Relaxed),
         s.effects_superseded, s.effects_dead_lettered, refused.load(Ordering::Relaxed),
         s.lanes.iter().map(|l| l.shed).sum::<u64>(), peak_rss_mib(),
     );
@@ -358,6 +401,17 @@ async fn main() {
     println!("catalog on {}: {NEW_PER_S} new products/s plus price changes, enrichment limited to {RATE_PER_S}/s", dir.display());
     tokio::time::sleep(every).await;
     report(&rt, "before", &lat, &api, &refused);
+    // The products so far get a periodic refresh of their details.
+    let known = (0..=newest.load(Ordering::Relaxed)).map(|k| format!("p-{k}"));
+    let status = rt
+        .schedules()
+        .create(refresh(known))
+        .await
+        .expect("refresh");
+    println!(
+        "refresh schedule for {} products: every {:?}, details older than {:?}, Low and sheddable",
+        status.targets, REFRESH_EVERY, REFRESH_AGE
+    );
 
     // The enrichment API goes down for 20 s (a 20-minute outage, compressed).
     api.down.store(true, Ordering::Relaxed);
@@ -412,6 +466,11 @@ async fn main() {
     report(&rt, "after", &lat, &api, &refused);
     stop.store(true, Ordering::Relaxed);
     producer.await.expect("feed");
+    let refresh = rt
+        .schedules()
+        .pause("refresh")
+        .await
+        .expect("pause refresh");
     rt.idle().await;
 
     let enriched = api.enriched.lock().unwrap().clone();
@@ -443,6 +502,11 @@ async fn main() {
     println!("products {}, effects done {}, superseded (coalesced) {}, dead-lettered {}, api calls {} ({} during the 20 s outage)",
         newest.load(Ordering::Relaxed) + 1, s.effects_done, s.effects_superseded, s.effects_dead_lettered,
         api.calls.load(Ordering::Relaxed), calls_in_outage);
+    println!(
+        "refresh: {} runs ({} skipped while one was unfinished, {} missed, {} targets shed), {} products refreshed; details fetched again only when older than {:?}",
+        refresh.fired, refresh.skipped, refresh.missed, refresh.targets_shed,
+        api.refreshed.load(Ordering::Relaxed), REFRESH_AGE
+    );
     drop(s);
     if let Ok(rt) = Arc::try_unwrap(rt) {
         rt.shutdown().await;
