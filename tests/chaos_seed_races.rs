@@ -17,8 +17,9 @@ use keystead::Backend;
 use keystead::{
     Context, Effect, EffectContext, Entity, Failure, FailureKind, Outcome, Recorded, SubmitError,
 };
+use keystead::{Overlap, Schedule};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const SEEDS: u64 = 200;
 
@@ -207,14 +208,19 @@ impl Entity for SubscriptionEntity {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Account {
+    /// The renewal runs applied, by their message ids (a schedule run's id names its
+    /// nominal time: `schedule:<name>@<ms>`).
     renewed_periods: Vec<String>,
     billed_cents: u64,
+    topped_up_cents: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Renew {
-    period: String,
-    cents: u64,
+enum AccountCmd {
+    /// Sent by the nightly renewal schedule.
+    Renew { cents: u64 },
+    /// Sent by the customer.
+    TopUp { cents: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -234,17 +240,23 @@ struct AccountEntity;
 impl Entity for AccountEntity {
     const NAME: &'static str = "account";
     type State = Account;
-    type Command = Renew;
+    type Command = AccountCmd;
     type Reply = u64;
     type Error = Never;
 
-    fn handle(a: &mut Account, r: &Renew, ctx: &mut Context<'_>) -> Result<u64, Never> {
-        a.renewed_periods.push(r.period.clone());
-        a.billed_cents += r.cents;
-        ctx.effect(RenewalCharge {
-            period: r.period.clone(),
-            cents: r.cents,
-        });
+    fn handle(a: &mut Account, cmd: &AccountCmd, ctx: &mut Context<'_>) -> Result<u64, Never> {
+        match cmd {
+            AccountCmd::Renew { cents } => {
+                let period = ctx.message_id().to_string();
+                a.renewed_periods.push(period.clone());
+                a.billed_cents += cents;
+                ctx.effect(RenewalCharge {
+                    period,
+                    cents: *cents,
+                });
+            }
+            AccountCmd::TopUp { cents } => a.topped_up_cents += cents,
+        }
         Ok(a.billed_cents)
     }
 }
@@ -256,14 +268,12 @@ fn chaos(backend: Backend) -> Chaos {
             .register::<OrderEntity>()
             .register::<ProfileEntity>()
             .register::<SubscriptionEntity>()
-            .register::<AccountEntity>()
             .executor(ledger.executor_with(|_: &Charge, ctx: &EffectContext| {
                 Some(OrderCmd::Captured {
                     provider_ref: format!("ch_{}", ctx.effect_key()),
                 })
             }))
             .executor(ledger.executor::<Confirmation>())
-            .executor(ledger.executor::<RenewalCharge>())
     })
     .seeds(SEEDS)
     .backend(backend)
@@ -545,46 +555,148 @@ async fn webhook_before_its_record_is_applied_once_placed() {
     }
 }
 
+/// The accounts, their renewal charges behind a circuit breaker, and a payment provider
+/// that is down until the script has been delivered: the renewal run stays unfinished (its
+/// charges wait) across the next run's due time, whatever else happens.
+fn billing(backend: Backend) -> Chaos {
+    Chaos::new(|builder, ledger| {
+        let retry = keystead::RetryPolicy::default()
+            .attempts_max(20)
+            .backoff_initial(std::time::Duration::from_millis(1))
+            .backoff_max(std::time::Duration::from_millis(8));
+        builder
+            .register::<AccountEntity>()
+            .executor(ledger.executor::<RenewalCharge>())
+            .effect_retry(retry)
+            .effect_limits::<RenewalCharge>(
+                keystead::EffectLimits::default().breaker(
+                    keystead::BreakerPolicy::consecutive(2)
+                        .cool_down(std::time::Duration::from_secs(30)),
+                ),
+            )
+    })
+    .seeds(SEEDS)
+    .backend(backend)
+    .outage()
+}
+
+const ACCOUNTS: usize = 4;
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Seeds with a restart while the first renewal run was unfinished, and after the second
+/// was skipped (all tests of this binary, both engines).
+static RESTARTS_MID_RUN: AtomicU64 = AtomicU64::new(0);
+static RESTARTS_AFTER_SKIP: AtomicU64 = AtomicU64::new(0);
+
 /// Seed text: the nightly renewal cron overran and the next run started while the first
-/// was still going. Both runs send the same per-account, per-period message ids: every
-/// account is renewed and charged once.
+/// was still going. Here the cron is a keystead schedule (`0 2 * * *`, overlap `Skip`) and
+/// its first run is slow: the payment provider is down, so its charges wait. The clock
+/// passes the next night while they wait, and the runtime is stopped abruptly and reopened
+/// mid-run in most seeds, customers' top-ups arriving in any order. Every account is
+/// renewed and charged exactly once, for the first night; the second night's run is
+/// skipped (counted, not fired) because the first was unfinished; nothing else changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_cron_runs_bill_each_account_once() {
+    let first_night = keystead::testkit::CLOCK_START_MS + 2 * 3_600_000; // 2026-01-01T02:00Z
+    let mut seeds = 0;
     for backend in Backend::available() {
-        const ACCOUNTS: usize = 4;
-        let report = chaos(backend)
-            .check(|run| {
+        let report = billing(backend)
+            .check(move |run| {
+                let period = format!("schedule:renewals@{first_night}");
                 for a in 0..ACCOUNTS {
                     let key = format!("acct-{a}");
                     let snap = run
                         .state::<AccountEntity>(&key)
                         .ok_or_else(|| format!("no state for {key}"))?;
-                    assert_eq!(snap.state.renewed_periods, ["2026-11"], "{key}");
+                    assert_eq!(
+                        snap.state.renewed_periods,
+                        std::slice::from_ref(&period),
+                        "{key}"
+                    );
                     assert_eq!(snap.state.billed_cents, 900, "{key}");
+                    assert_eq!(snap.state.topped_up_cents, 200, "{key}");
                 }
-                let charges = run
+                let charges: Vec<_> = run
                     .performed()
                     .iter()
                     .filter(|p| p.effect == "renewal-charge")
-                    .count();
-                assert_eq!(charges, ACCOUNTS, "one charge per account");
+                    .collect();
+                assert_eq!(
+                    charges.len(),
+                    ACCOUNTS,
+                    "one charge per account: {charges:?}"
+                );
+                assert!(
+                    charges.iter().all(|c| c.payload.contains(&period)),
+                    "{charges:?}"
+                );
+                let status = run.schedule("renewals").ok_or("no schedule")?;
+                assert_eq!(
+                    (status.fired, status.skipped, status.missed),
+                    (1, 1, 0),
+                    "the second night skipped for overlap: {status:?}"
+                );
+                assert!(run.effect_dead_letters().is_empty());
+                // Where the restarts fell: between the first night and the second (the
+                // run unfinished), after the second.
+                let at = |line: &str| run.trace().iter().position(|l| l.starts_with(line));
+                let first = at("clock moved to start + 7200 s").ok_or("no first night")?;
+                let second = at("clock moved to start + 93600 s").ok_or("no second night")?;
+                let restarts = |range: std::ops::Range<usize>| {
+                    run.trace()[range]
+                        .iter()
+                        .filter(|l| l.contains("stopped abruptly"))
+                        .count()
+                };
+                if run.seed().is_some() {
+                    if restarts(first..second) > 0 {
+                        RESTARTS_MID_RUN.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if restarts(second..run.trace().len()) > 0 {
+                        RESTARTS_AFTER_SKIP.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Ok(())
             })
             .run(|s| {
-                for cron_run in ["run-1", "run-2"] {
-                    for a in 0..ACCOUNTS {
-                        let renew = Renew {
-                            period: "2026-11".into(),
-                            cents: 900,
-                        };
-                        s.tell::<AccountEntity>(format!("acct-{a}"), renew)
-                            .id(format!("renew:2026-11:acct-{a}"))
-                            .label(format!("{cron_run}/acct-{a}"));
-                    }
+                let accounts = (0..ACCOUNTS).map(|a| format!("acct-{a}"));
+                s.schedule(
+                    Schedule::<AccountEntity>::cron(
+                        "renewals",
+                        "0 2 * * *",
+                        AccountCmd::Renew { cents: 900 },
+                    )
+                    .to_each(accounts)
+                    .overlap(Overlap::Skip),
+                );
+                s.advance(2 * HOUR); // the first night: its charges wait for the provider
+                for a in 0..ACCOUNTS {
+                    s.tell::<AccountEntity>(format!("acct-{a}"), AccountCmd::TopUp { cents: 100 })
+                        .id(format!("top-up-1-acct-{a}"));
+                }
+                s.advance(24 * HOUR); // the second night, the first run still unfinished
+                for a in 0..ACCOUNTS {
+                    s.tell::<AccountEntity>(format!("acct-{a}"), AccountCmd::TopUp { cents: 100 })
+                        .id(format!("top-up-2-acct-{a}"));
                 }
             })
             .await;
         assert_exercised(&report, true, backend);
+        seeds += report.seeds;
+    }
+    let (mid, after) = (
+        RESTARTS_MID_RUN.load(Ordering::Relaxed),
+        RESTARTS_AFTER_SKIP.load(Ordering::Relaxed),
+    );
+    eprintln!("cron race: {mid} seeds restarted mid-run, {after} after the skipped run");
+    if std::env::var(keystead::testkit::SEED_ENV).is_err() {
+        assert!(
+            mid > seeds / 4,
+            "too few restarts mid-run: {mid} of {seeds} seeds"
+        );
+        assert!(
+            after > seeds / 4,
+            "too few restarts after the skip: {after} of {seeds}"
+        );
     }
 }
 

@@ -356,9 +356,11 @@ impl Chaos {
 
     fn plan(&self, script: &Script, seed: Option<u64>) -> Plan {
         let once: Vec<bool> = script.messages.iter().map(|m| m.once).collect();
+        let phases: Vec<usize> = script.messages.iter().map(|m| m.phase).collect();
+        let keys = script.probes.len();
         match seed {
-            None => Plan::new(0, &once, script.probes.len(), &Faults::none()),
-            Some(seed) => Plan::new(seed, &once, script.probes.len(), &self.faults),
+            None => Plan::new(0, &once, &phases, keys, &Faults::none()),
+            Some(seed) => Plan::new(seed, &once, &phases, keys, &self.faults),
         }
     }
 
@@ -457,14 +459,20 @@ impl Chaos {
         let mut rt = open(&trace)?;
         let mut delivered = Vec::new();
         let (mut passivations, mut restarts) = (0, 0);
+        let mut moved = 0;
         for (g, group) in plan.groups.iter().enumerate() {
+            while moved < group.phase.min(script.clock_moves.len()) {
+                move_clock(&rt, &clock, script.clock_moves[moved], &mut trace).await;
+                moved += 1;
+            }
             let mut waiting: Vec<(Delivery, BoxFuture<Observed>)> = Vec::new();
             let mut observed: Vec<(Delivery, Observed)> = Vec::new();
             for &d in &group.deliveries {
                 let mut future = script.send(d.message, &rt);
                 match script.messages[d.message].kind {
-                    // A tell is awaited until accepted, as its caller would.
-                    Kind::Tell => observed.push((d, future.await)),
+                    // A tell is awaited until accepted, as its caller would; so is an
+                    // operation.
+                    Kind::Tell | Kind::Operation => observed.push((d, future.await)),
                     // An ask is submitted now (its first poll sends it) and awaited with
                     // the rest of the group, so the group's asks race.
                     Kind::Ask => match poll_once(&mut future).await {
@@ -487,10 +495,7 @@ impl Chaos {
             for (d, obs) in observed {
                 let m = &script.messages[d.message];
                 let label = script.label(d.message);
-                let kind = match m.kind {
-                    Kind::Ask => "ask",
-                    Kind::Tell => "tell",
-                };
+                let kind = m.kind.name();
                 trace.push(format!(
                     "group {g}: {kind} {label}#{} -> {}",
                     d.copy, obs.summary
@@ -532,6 +537,10 @@ impl Chaos {
                     trace.push(format!("group {g}: stopped abruptly, reopened, recovered"));
                 }
             }
+        }
+        while moved < script.clock_moves.len() {
+            move_clock(&rt, &clock, script.clock_moves[moved], &mut trace).await;
+            moved += 1;
         }
         if self.outage {
             ledger.set_down(false);
@@ -596,8 +605,14 @@ impl Chaos {
                 effect_dead_letters,
             });
         }
+        let schedules = rt
+            .schedules()
+            .list()
+            .await
+            .map_err(|e| fail(format!("cannot list the schedules: {e}"), &trace))?;
         rt.shutdown().await;
         Ok(Run {
+            schedules,
             seed,
             finals,
             delivered,
@@ -610,6 +625,27 @@ impl Chaos {
             trace,
         })
     }
+}
+
+/// Moves `clock` to `past_start_ms` after [`CLOCK_START_MS`] (never backwards: settling
+/// may have moved it further) once the runtime is idle, and waits until it is idle again,
+/// so what fell due has been delivered.
+async fn move_clock(
+    rt: &Runtime,
+    clock: &ManualClock,
+    past_start_ms: u64,
+    trace: &mut Vec<String>,
+) {
+    rt.idle().await;
+    let to = CLOCK_START_MS.saturating_add(past_start_ms);
+    if to > clock.now_ms() {
+        clock.set(to);
+    }
+    rt.idle().await;
+    trace.push(format!(
+        "clock moved to start + {} s",
+        past_start_ms as f64 / 1000.0
+    ));
 }
 
 /// The inbox entries on disk, as `entity/key/message id` (for a failure report).

@@ -155,6 +155,8 @@ pub(crate) enum Then {
 pub(crate) struct Group {
     pub deliveries: Vec<Delivery>,
     pub then: Then,
+    /// The phase of its messages (how many clock moves come before them).
+    pub phase: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,8 +166,16 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// The plan for `seed`. `once[i]` is true for messages that must not be duplicated;
-    /// `keys` is the number of distinct entities in the script.
-    pub(crate) fn new(seed: u64, once: &[bool], keys: usize, faults: &Faults) -> Plan {
+    /// `phases[i]` is message i's phase (messages are reordered and grouped only within a
+    /// phase; phases never decrease along the script); `keys` is the number of distinct
+    /// entities in the script.
+    pub(crate) fn new(
+        seed: u64,
+        once: &[bool],
+        phases: &[usize],
+        keys: usize,
+        faults: &Faults,
+    ) -> Plan {
         let mut rng = Rng::new(seed);
         let mut deliveries = Vec::new();
         for (message, &once) in once.iter().enumerate() {
@@ -178,17 +188,31 @@ impl Plan {
             }
             deliveries.extend((1..=copies).map(|copy| Delivery { message, copy }));
         }
+        let phase_of = |d: &Delivery| phases.get(d.message).copied().unwrap_or(0);
         if faults.reorder {
-            // Fisher-Yates: every order equally likely, duplicates included.
-            for i in (1..deliveries.len()).rev() {
-                deliveries.swap(i, rng.below(i + 1));
+            // Fisher-Yates within each phase: every order of a phase equally likely,
+            // duplicates included. A script without clock moves is one phase.
+            let mut start = 0;
+            while start < deliveries.len() {
+                let phase = phase_of(&deliveries[start]);
+                let end = start
+                    + deliveries[start..]
+                        .iter()
+                        .take_while(|d| phase_of(d) == phase)
+                        .count();
+                for i in (start + 1..end).rev() {
+                    deliveries.swap(i, start + rng.below(i - start + 1));
+                }
+                start = end;
             }
         }
         let mut groups = Vec::new();
         let mut restarts = 0;
         let mut rest = &deliveries[..];
         while !rest.is_empty() {
-            let size = 1 + rng.below(faults.group_size_max.min(rest.len()));
+            let phase = phase_of(&rest[0]);
+            let in_phase = rest.iter().take_while(|d| phase_of(d) == phase).count();
+            let size = 1 + rng.below(faults.group_size_max.min(in_phase));
             let (now, later) = rest.split_at(size);
             rest = later;
             let roll = rng.below(10);
@@ -207,6 +231,7 @@ impl Plan {
             groups.push(Group {
                 deliveries: now.to_vec(),
                 then,
+                phase,
             });
         }
         debug_assert_eq!(
@@ -225,7 +250,12 @@ impl Plan {
         key_name: impl Fn(usize) -> String,
     ) -> String {
         let mut out = String::new();
+        let mut phase = 0;
         for (g, group) in self.groups.iter().enumerate() {
+            while phase < group.phase {
+                phase += 1;
+                let _ = writeln!(out, "  clock move {phase}");
+            }
             let copies: Vec<String> = group
                 .deliveries
                 .iter()
@@ -253,8 +283,8 @@ mod tests {
     fn a_seed_always_gives_the_same_plan() {
         let once = [false, false, true, false];
         for seed in 0..200 {
-            let a = Plan::new(seed, &once, 3, &Faults::default());
-            let b = Plan::new(seed, &once, 3, &Faults::default());
+            let a = Plan::new(seed, &once, &[0; 4], 3, &Faults::default());
+            let b = Plan::new(seed, &once, &[0; 4], 3, &Faults::default());
             assert_eq!(a, b, "seed {seed}");
         }
     }
@@ -266,7 +296,7 @@ mod tests {
         let mut reordered = 0;
         let mut restarts = 0;
         for seed in 0..500 {
-            let plan = Plan::new(seed, &once, 2, &Faults::default());
+            let plan = Plan::new(seed, &once, &[0; 3], 2, &Faults::default());
             let all: Vec<Delivery> = plan
                 .groups
                 .iter()
@@ -305,7 +335,7 @@ mod tests {
 
     #[test]
     fn no_faults_is_the_script_in_order_one_at_a_time() {
-        let plan = Plan::new(7, &[false; 5], 2, &Faults::none());
+        let plan = Plan::new(7, &[false; 5], &[0; 5], 2, &Faults::none());
         assert_eq!(plan.groups.len(), 5);
         for (i, group) in plan.groups.iter().enumerate() {
             assert_eq!(
@@ -317,5 +347,32 @@ mod tests {
             );
             assert_eq!(group.then, Then::Settle);
         }
+    }
+
+    #[test]
+    fn messages_never_cross_a_clock_move() {
+        let once = [false; 7];
+        let phases = [0, 0, 0, 1, 1, 2, 2];
+        let mut reordered = 0;
+        for seed in 0..500 {
+            let plan = Plan::new(seed, &once, &phases, 2, &Faults::default());
+            let mut last_phase = 0;
+            for group in &plan.groups {
+                assert!(group.phase >= last_phase, "seed {seed}: {plan:?}");
+                last_phase = group.phase;
+                for d in &group.deliveries {
+                    assert_eq!(phases[d.message], group.phase, "seed {seed}: {plan:?}");
+                }
+            }
+            let firsts: Vec<usize> = plan
+                .groups
+                .iter()
+                .flat_map(|g| g.deliveries.iter())
+                .filter(|d| d.copy == 1)
+                .map(|d| d.message)
+                .collect();
+            reordered += usize::from(firsts != [0, 1, 2, 3, 4, 5, 6]);
+        }
+        assert!(reordered > 200, "reordered within phases {reordered}");
     }
 }

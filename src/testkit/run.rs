@@ -49,6 +49,7 @@ pub struct Run {
     pub(crate) passivations: u64,
     pub(crate) restarts: u64,
     pub(crate) trace: Vec<String>,
+    pub(crate) schedules: Vec<crate::time::ScheduleStatus>,
 }
 
 impl fmt::Debug for Run {
@@ -121,6 +122,11 @@ impl Run {
         &self.performed
     }
 
+    /// The status of schedule `name` at the end of the run, if it exists.
+    pub fn schedule(&self, name: &str) -> Option<&crate::time::ScheduleStatus> {
+        self.schedules.iter().find(|s| s.name == name)
+    }
+
     /// Calls the outside world received, repeats after injected faults included.
     pub fn effect_calls(&self) -> u64 {
         self.effect_calls
@@ -154,6 +160,14 @@ impl Run {
                     f.entity, f.key, f.effect_dead_letters
                 );
             }
+        }
+        for s in &self.schedules {
+            // Its runs' fate, not its times (settling moves the clock by varying amounts).
+            let _ = writeln!(
+                out,
+                "schedule {}: fired {}, caught up {}, skipped {}, missed {}, buffered {}, paused {:?}",
+                s.name, s.fired, s.caught_up, s.skipped, s.missed, s.buffered, s.paused
+            );
         }
         let mut effects: Vec<String> = self.performed.iter().map(|p| p.to_string()).collect();
         effects.sort();

@@ -35,6 +35,18 @@ pub(crate) struct Observed {
 pub(crate) enum Kind {
     Ask,
     Tell,
+    /// An operation on the runtime (creating a schedule), awaited like a tell.
+    Operation,
+}
+
+impl Kind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Ask => "ask",
+            Kind::Tell => "tell",
+            Kind::Operation => "operation",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,6 +65,9 @@ pub(crate) struct Planned {
     pub key: usize,
     pub options: Options,
     pub once: bool,
+    /// How many clock moves come before it in the script: messages are reordered only
+    /// among those of the same phase.
+    pub phase: usize,
     send: SendFn,
 }
 
@@ -106,6 +121,9 @@ impl Probe {
 pub struct Script {
     pub(crate) messages: Vec<Planned>,
     pub(crate) probes: Vec<Probe>,
+    /// The clock moves, in script order: each is how far the runtime's clock stands past
+    /// [`CLOCK_START_MS`](super::CLOCK_START_MS) once the messages before it are delivered.
+    pub(crate) clock_moves: Vec<u64>,
 }
 
 impl fmt::Debug for Script {
@@ -113,6 +131,7 @@ impl fmt::Debug for Script {
         f.debug_struct("Script")
             .field("messages", &self.messages.len())
             .field("entities", &self.probes.len())
+            .field("clock_moves", &self.clock_moves.len())
             .finish()
     }
 }
@@ -176,11 +195,68 @@ impl Script {
         self.push::<E>(key.into(), Kind::Tell, send)
     }
 
-    fn push<E: Entity>(&mut self, key: String, kind: Kind, send: SendFn) -> Message<'_>
+    /// Adds the creation of `schedule` (durable and idempotent: a duplicate delivery
+    /// changes nothing). Its targets become entities of the script, so
+    /// [`Run::state`](super::Run::state) reads them, and its counters are in
+    /// [`Run::schedule`](super::Run::schedule) and in the compared picture. Its runs fire
+    /// when the runtime's clock reaches them: move it with [`advance`](Script::advance).
+    /// The message's key is the schedule's first target.
+    ///
+    /// # Panics
+    /// If the schedule has no target (a mistake in the test, not a chaos finding).
+    pub fn schedule<E: Entity>(&mut self, schedule: crate::time::Schedule<E>) -> Message<'_>
+    where
+        E::Command: Clone,
+        E::State: fmt::Debug,
+    {
+        let targets = schedule.targets().to_vec();
+        assert!(
+            !targets.is_empty(),
+            "keystead chaos: schedule {} has no target; add .to(key)",
+            schedule.name()
+        );
+        for key in &targets[1..] {
+            self.probe::<E>(key.clone());
+        }
+        let label = format!("schedule {}", schedule.name());
+        let schedule = Mutex::new(schedule);
+        let send: SendFn = Arc::new(move |rt, _key, _options| {
+            let schedule = schedule.lock().clone();
+            let schedules = rt.schedules();
+            Box::pin(async move {
+                let result = schedules.create(schedule).await;
+                let (summary, problem) = match &result {
+                    Ok(_) => ("created".to_string(), None),
+                    Err(e) => (format!("error: {e}"), Some(e.to_string())),
+                };
+                Observed {
+                    summary,
+                    value: Box::new(result.map(|_| ())),
+                    problem,
+                }
+            })
+        });
+        self.push::<E>(targets[0].clone(), Kind::Operation, send)
+            .label(label)
+    }
+
+    /// Moves the runtime's [`ManualClock`](crate::ManualClock) forward by `by` once every
+    /// message scripted before this call has been delivered and the runtime is idle, then
+    /// waits until it is idle again (so the delayed messages and schedule runs that fell
+    /// due have been delivered). Chaos reorders messages only between two clock moves, and
+    /// a restart may come right after a move, while what it fired is still running.
+    pub fn advance(&mut self, by: std::time::Duration) {
+        let previous = self.clock_moves.last().copied().unwrap_or(0);
+        let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.clock_moves.push(previous.saturating_add(by));
+    }
+
+    /// The index of entity `key` of type `E` among the probes, added if new.
+    fn probe<E: Entity>(&mut self, key: String) -> usize
     where
         E::State: fmt::Debug,
     {
-        let index = match self
+        match self
             .probes
             .iter()
             .position(|p| p.entity == E::NAME && p.key == key)
@@ -197,13 +273,21 @@ impl Script {
                 });
                 self.probes.len() - 1
             }
-        };
+        }
+    }
+
+    fn push<E: Entity>(&mut self, key: String, kind: Kind, send: SendFn) -> Message<'_>
+    where
+        E::State: fmt::Debug,
+    {
+        let index = self.probe::<E>(key);
         self.messages.push(Planned {
             label: None,
             kind,
             key: index,
             options: Options::default(),
             once: false,
+            phase: self.clock_moves.len(),
             send,
         });
         let planned = self

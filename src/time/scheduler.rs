@@ -88,6 +88,29 @@ pub struct Schedule<E: Entity> {
     _entity: PhantomData<fn() -> E>,
 }
 
+impl<E: Entity> Clone for Schedule<E>
+where
+    E::Command: Clone,
+{
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            command: self.command.clone(),
+            targets: self.targets.clone(),
+            priority: self.priority,
+            sheddable: self.sheddable,
+            overlap: self.overlap,
+            buffer_max: self.buffer_max,
+            catch_up_window: self.catch_up_window,
+            catch_up_runs_max: self.catch_up_runs_max,
+            jitter: self.jitter,
+            pause_on_failure: self.pause_on_failure,
+            _entity: PhantomData,
+        }
+    }
+}
+
 impl<E: Entity> std::fmt::Debug for Schedule<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Schedule")
@@ -117,6 +140,16 @@ impl<E: Entity> Schedule<E> {
             pause_on_failure: false,
             _entity: PhantomData,
         }
+    }
+
+    /// The schedule's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The keys it sends to, in the order given.
+    pub fn targets(&self) -> &[String] {
+        &self.targets
     }
 
     /// A schedule named `name` that sends `command` every `interval`, on a grid from the
