@@ -29,6 +29,10 @@ use item::Item;
 mod proc;
 use proc::status_kib;
 
+#[path = "support/timers.rs"]
+#[allow(dead_code)] // the bench uses only the accuracy part
+mod timers;
+
 const SENDERS: usize = 64;
 const KEYS: u64 = 10_000;
 const RELAXED: Durability = Durability::Relaxed {
@@ -685,6 +689,21 @@ async fn breaker_backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
     Ok(measured)
 }
 
+// ---- Time: timer accuracy ------------------------------------------------------------
+
+/// 10,000 delayed messages (one per entity) due within the same second, 3 s from now, on
+/// `backend`: lateness (handler's clock minus due time) as the latency, in µs.
+async fn timer_accuracy(backend: Backend) -> Result<Measured, Error> {
+    const TIMERS: u64 = 10_000;
+    let dir = tempfile::tempdir()?;
+    let builder = Runtime::builder(dir.path()).backend(backend);
+    let (late, _) = timers::lateness(builder, TIMERS, Duration::from_secs(3), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let late_us: Vec<u32> = late.iter().map(|ms| (ms * 1000) as u32).collect();
+    Ok(Measured::new(TIMERS, 1.0, late_us))
+}
+
 // ---- The naive approach -----------------------------------------------------------------
 
 /// The state as the naive app stores it: the same 200 bytes and counter as `Item`.
@@ -1016,6 +1035,11 @@ fn child(args: &[String]) -> Result<(), Error> {
             None,
         ))?,
         "storage-fjall" => storage_fjall(secs)?,
+        "timers" => tokio.block_on(timer_accuracy(if param > 0.0 {
+            Backend::Fjall
+        } else {
+            Backend::Sled
+        }))?,
         "naive" => naive(secs)?,
         "storage-ask" => storage(secs, Kind::Ask, 1000)?,
         "storage-tell" => storage(secs, Kind::Tell, 1000)?,
@@ -1119,6 +1143,8 @@ fn main() -> Result<(), Error> {
     });
     let drain = run("drain", 0.0, 20_000.0)?;
     let breaker_backlog = run("breaker-backlog", 0.0, 0.0)?;
+    let timers_sled = run("timers", 0.0, 0.0)?;
+    let timers_fjall = run("timers", 0.0, 1.0)?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -1347,6 +1373,15 @@ fn main() -> Result<(), Error> {
         breaker_backlog.peak_rss_kib / 1024,
         no_effects_backlog.peak_rss_kib / 1024
     );
+    let _ = writeln!(out, "\ntime: 10,000 delayed messages due within the same second (one per entity; lateness = handler's clock minus due time)");
+    for (engine, m) in [("sled", &timers_sled), ("fjall", &timers_fjall)] {
+        let _ = writeln!(
+            out,
+            "  {engine:<6} late p50 {}  p99 {}  [p99 < 100 ms]",
+            ms(m.p50_us),
+            ms(m.p99_us)
+        );
+    }
     print!("{out}");
     if let Err(e) = std::fs::write(&svg, plot(&by_keys, &by_load)) {
         eprintln!("could not write the plot to {svg}: {e}");

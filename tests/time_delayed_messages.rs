@@ -231,3 +231,41 @@ async fn a_due_time_in_the_past_delivers_at_once() {
     );
     rt.shutdown().await;
 }
+
+on_each_backend! {
+    /// The firer starts its scans past the timers it already fired (a floor), so an LSM
+    /// engine's tombstones are not walked again. Timers accepted while a pass scans, due
+    /// before what that pass found next, must still fire: many concurrent accepts, in a
+    /// shuffled due order, each waking the firer, then the clock moves past them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timers_accepted_while_the_firer_scans_all_fire() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(START_MS);
+        let rt = builder(dir.path()).clock(clock.clone()).open().unwrap();
+        const PER_ROUND: u64 = 64;
+        for round in 0..20u64 {
+            let far = rt.entity::<TallyEntity>(format!("far-{round}"));
+            far.tell(add("far")).id("far").after(secs(3600)).await.unwrap();
+            let sends: Vec<_> = shuffled(PER_ROUND, round)
+                .into_iter()
+                .map(|i| {
+                    let tally = rt.entity::<TallyEntity>(format!("r{round}-{i}"));
+                    let due = Duration::from_millis(1_000 + i);
+                    tokio::spawn(async move { tally.tell(add("near")).id("near").after(due).await })
+                })
+                .collect();
+            for send in sends {
+                send.await.unwrap().unwrap();
+            }
+            clock.advance(secs(10));
+            rt.idle().await;
+            for i in 0..PER_ROUND {
+                let state = rt.entity::<TallyEntity>(format!("r{round}-{i}")).snapshot().await.unwrap().state;
+                assert_eq!(state.applied, ["near"], "round {round}: timer {i} did not fire");
+            }
+            assert!(far.snapshot().await.unwrap().state.applied.is_empty());
+        }
+        assert_eq!(rt.stats().timers_fired, 20 * PER_ROUND);
+        rt.shutdown().await;
+    }
+}

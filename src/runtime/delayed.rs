@@ -44,6 +44,20 @@ pub(crate) struct Delayed {
     /// Timer keys that do not decode: skipped (and logged once) instead of blocking the
     /// timers behind them.
     broken: Mutex<HashSet<Vec<u8>>>,
+    /// Where the firer's scans start, so they do not walk over the deleted timers of every
+    /// earlier pass (an LSM engine keeps them as tombstones for a while).
+    floor: Mutex<Floor>,
+}
+
+/// No timer due before `due_ms` is pending, except broken ones. Accepting a timer lowers
+/// it (after the commit, so a scan that started earlier may have missed the timer); the
+/// firer raises it after a pass, never above the lowest due time accepted since the pass
+/// began.
+#[derive(Debug, Default)]
+struct Floor {
+    due_ms: u64,
+    /// The lowest due time accepted since the current pass began.
+    accepted_min: Option<u64>,
 }
 
 /// A claim on one message id, released when dropped.
@@ -139,6 +153,11 @@ impl Delayed {
         let timer = keys::timer(due_ms, seq);
         let ops = vec![Op::Put(timer.clone(), bytes), Op::Put(id, timer)];
         store.commit_with_seq(ops, seq).await?;
+        {
+            let mut floor = self.floor.lock();
+            floor.due_ms = floor.due_ms.min(due_ms);
+            floor.accepted_min = Some(floor.accepted_min.map_or(due_ms, |m| m.min(due_ms)));
+        }
         Stats::bump(&shared.stats.timers_pending);
         self.wake.notify_waiters();
         Ok(Scheduled::New(due_ms))
@@ -177,7 +196,8 @@ impl Delayed {
 
     /// The due time of the next timer (broken ones aside).
     pub(crate) fn next_due(&self, store: &Store) -> Result<Option<u64>, StoreError> {
-        for entry in store.scan_prefix(&[Space::Timer as u8])? {
+        let start = keys::timer(self.floor.lock().due_ms, 0);
+        for entry in store.scan_from(&[Space::Timer as u8], &start)? {
             let (key, _) = entry?;
             if self.broken.lock().contains(&key) {
                 continue;
@@ -200,18 +220,22 @@ impl Delayed {
         let mut ops = Vec::new();
         let mut fired = Vec::new();
         let mut seq_max = 0;
-        for entry in store.scan_prefix(&[Space::Timer as u8])? {
+        let start = {
+            let mut floor = self.floor.lock();
+            floor.accepted_min = None;
+            keys::timer(floor.due_ms, 0)
+        };
+        // The lowest due time left pending by this pass (`None`: none is left).
+        let mut left: Option<u64> = None;
+        for entry in store.scan_from(&[Space::Timer as u8], &start)? {
             let (timer, bytes) = entry?;
             let Some((due, _)) = keys::timer_position(&timer) else {
                 self.skip_broken(&timer, "a malformed timer key");
                 continue;
             };
-            if due > now_ms {
+            if due > now_ms || fired.len() == FIRE_BATCH_MAX {
                 pass.next_due_ms = Some(due);
-                break;
-            }
-            if fired.len() == FIRE_BATCH_MAX {
-                pass.next_due_ms = Some(due);
+                left = Some(left.map_or(due, |l| l.min(due)));
                 break;
             }
             let record = match codec::decode::<TimerRecord>("timer", &bytes) {
@@ -237,6 +261,7 @@ impl Delayed {
             let Some(claim) = self.try_claim(&id) else {
                 // Being cancelled right now: the cancel decides; look again once it is done.
                 pass.contended = true;
+                left = Some(left.map_or(due, |l| l.min(due)));
                 continue;
             };
             // Read again under the claim: a cancel may have removed it since the scan.
@@ -259,10 +284,21 @@ impl Delayed {
             fired.push((record.entity, record.key, lane, seq));
             claims.push(claim);
         }
+        if !fired.is_empty() {
+            store.commit_with_seq(ops, seq_max).await?;
+        }
+        {
+            // Every timer below `left` was fired (committed just above), is broken, or was
+            // accepted since the pass began (then `accepted_min` holds it).
+            let mut floor = self.floor.lock();
+            let raise = left
+                .unwrap_or(u64::MAX)
+                .min(floor.accepted_min.unwrap_or(u64::MAX));
+            floor.due_ms = floor.due_ms.max(raise);
+        }
         if fired.is_empty() {
             return Ok(pass);
         }
-        store.commit_with_seq(ops, seq_max).await?;
         for (entity, key, lane, seq) in &fired {
             shared.accepted(entity, key, *lane, *seq);
         }

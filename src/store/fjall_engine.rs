@@ -125,9 +125,15 @@ impl Engine for FjallEngine {
     fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError> {
         let (_, keyspace) = self.handles()?;
         let prefix = prefix.to_vec();
+        // Bounded above by the prefix's end: an open range would walk over every deleted
+        // key after the prefix (an LSM keeps them as tombstones for a while) before it
+        // found the first live key past it.
+        let range = match super::prefix_end(&prefix) {
+            Some(end) => keyspace.range(start.to_vec()..end),
+            None => keyspace.range(start.to_vec()..),
+        };
         Ok(Box::new(
-            keyspace
-                .range(start.to_vec()..)
+            range
                 .map(|guard| {
                     guard
                         .into_inner()

@@ -877,3 +877,32 @@ mod tests {
         }
     }
 }
+
+/// The first key after every key that starts with `prefix` (`None` when there is none:
+/// the prefix is empty or all `0xFF`).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod prefix_end_tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_end_of_a_prefix_is_past_all_its_keys_and_before_the_next() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xFF]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xFF, 0xFF]), None);
+        assert_eq!(prefix_end(b""), None);
+        let end = prefix_end(&[7, 0xFF]).unwrap();
+        assert!([7u8, 0xFF, 0xFF, 0xFF].as_slice() < end.as_slice());
+        assert!(end.as_slice() <= [8u8].as_slice());
+    }
+}

@@ -138,9 +138,13 @@ impl Engine for SledEngine {
 
     fn scan_from(&self, prefix: &[u8], start: &[u8]) -> Result<Scan, StoreError> {
         let prefix = prefix.to_vec();
+        let db = self.db()?;
+        let range = match super::prefix_end(&prefix) {
+            Some(end) => db.range(start.to_vec()..end),
+            None => db.range(start.to_vec()..),
+        };
         Ok(Box::new(
-            self.db()?
-                .range(start.to_vec()..)
+            range
                 .map(|r| {
                     r.map(|(k, v)| (k.to_vec(), v.to_vec()))
                         .map_err(|e| store_error("scan", e))
