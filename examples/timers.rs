@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use keystead::{Backend, Runtime};
 
+#[path = "support/item.rs"]
+#[allow(dead_code)] // only its `Never`
+mod item;
 #[path = "support/proc.rs"]
 mod proc;
 #[path = "support/timers.rs"]

@@ -555,6 +555,14 @@ async fn webhook_before_its_record_is_applied_once_placed() {
     }
 }
 
+/// A circuit breaker for an outside provider: two failures in a row open it for 30 s of
+/// the runtime's clock.
+fn provider_breaker() -> keystead::EffectLimits {
+    keystead::EffectLimits::default().breaker(
+        keystead::BreakerPolicy::consecutive(2).cool_down(std::time::Duration::from_secs(30)),
+    )
+}
+
 /// The accounts, their renewal charges behind a circuit breaker, and a payment provider
 /// that is down until the script has been delivered: the renewal run stays unfinished (its
 /// charges wait) across the next run's due time, whatever else happens.
@@ -568,12 +576,7 @@ fn billing(backend: Backend) -> Chaos {
             .register::<AccountEntity>()
             .executor(ledger.executor::<RenewalCharge>())
             .effect_retry(retry)
-            .effect_limits::<RenewalCharge>(
-                keystead::EffectLimits::default().breaker(
-                    keystead::BreakerPolicy::consecutive(2)
-                        .cool_down(std::time::Duration::from_secs(30)),
-                ),
-            )
+            .effect_limits::<RenewalCharge>(provider_breaker())
     })
     .seeds(SEEDS)
     .backend(backend)
@@ -804,12 +807,7 @@ fn catalog(backend: Backend) -> Chaos {
                     version: e.version,
                 })
             }))
-            .effect_limits::<Enrich>(
-                keystead::EffectLimits::default().breaker(
-                    keystead::BreakerPolicy::consecutive(2)
-                        .cool_down(std::time::Duration::from_secs(30)),
-                ),
-            )
+            .effect_limits::<Enrich>(provider_breaker())
     })
     .seeds(SEEDS)
     .backend(backend)

@@ -1,19 +1,12 @@
 //! Timer accuracy, shared by `examples/timers.rs` and the bench: how late delayed messages
-//! are delivered when many fall due in the same second.
+//! are delivered when many fall due in the same second. Its includer also includes
+//! `support/item.rs` as `item`.
 
 use std::time::Duration;
 
-use keystead::{Context, Entity, Failure, FailureKind, RuntimeBuilder};
-use serde::{Deserialize, Serialize};
+use keystead::{Context, Entity, RuntimeBuilder};
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
-#[error("never")]
-pub struct Never;
-impl Failure for Never {
-    fn kind(&self) -> FailureKind {
-        FailureKind::Permanent
-    }
-}
+use super::item::Never;
 
 /// Records how late its one message arrived (the runtime clock's reading at apply minus
 /// the message's due time, ms).
