@@ -349,6 +349,15 @@ pub enum SubmitError {
         /// The id to resend with.
         message_id: String,
     },
+    /// [`Answers::take`](crate::Answers::take) was given an answer that is not from its
+    /// batch, or whose result was taken already: read each answer once, from its own batch.
+    #[error(
+        "answer {position} is not in this batch's answers (taken already, or from another batch)"
+    )]
+    NoSuchAnswer {
+        /// The answer's position.
+        position: usize,
+    },
 }
 
 impl SubmitError {

@@ -125,6 +125,9 @@ pub use outcome::{Outcome, OutcomeKind, Recorded};
 pub use priority::{BacklogKind, LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, Cancelled, EntityRef, Snapshot, Tell};
-pub use runtime::{Runtime, RuntimeBuilder};
+pub use runtime::{
+    Answer, Answers, AskBatch, BatchError, Runtime, RuntimeBuilder, TellBatch, BATCH_BYTES_MAX,
+    BATCH_MESSAGES_MAX,
+};
 pub use telemetry::{EffectTypeStats, LaneStats, RuntimeStats};
 pub use time::{Schedule, ScheduleError, ScheduleStatus, Schedules};

@@ -138,8 +138,8 @@ enum Due {
 }
 
 impl Options {
-    fn meta<E: Entity>(self, key: &str, now_ms: u64) -> Result<Meta, SubmitError> {
-        let message_id = match self.message_id {
+    fn meta<E: Entity>(&self, key: &str, now_ms: u64) -> Result<Meta, SubmitError> {
+        let message_id = match self.message_id.clone() {
             Some(id) => {
                 let reason = if id.is_empty() {
                     Some("the id is empty".to_string())
@@ -164,7 +164,7 @@ impl Options {
         };
         Ok(Meta {
             message_id,
-            correlation_id: self.correlation_id.unwrap_or_else(ids::generate),
+            correlation_id: self.correlation_id.clone().unwrap_or_else(ids::generate),
             version: self.version,
             accepted_at_ms: now_ms,
         })
@@ -582,56 +582,87 @@ impl<E: Entity> Ask<E> {
     }
 }
 
+/// An `ask` admitted and delivered to its entity's shard, its reply still to come.
+pub(crate) struct Submitted<E: Entity> {
+    key: String,
+    message_id: String,
+    answer: oneshot::Receiver<Result<OutcomeOf<E>, SubmitError>>,
+}
+
+impl<E: Entity> Submitted<E> {
+    /// Waits for the reply.
+    pub(crate) async fn reply(self) -> Result<OutcomeOf<E>, SubmitError> {
+        self.answer.await.unwrap_or_else(|_| {
+            Err(SubmitError::ReplyLost {
+                entity: E::NAME,
+                key: self.key,
+                message_id: self.message_id,
+            })
+        })
+    }
+}
+
+impl<E: Entity> Ask<E> {
+    /// The entity type, key and message id (if given): the order of a batch's dispatch.
+    pub(crate) fn order_key(&self) -> (&'static str, &str, Option<&str>) {
+        (
+            E::NAME,
+            &self.target.key,
+            self.options.message_id.as_deref(),
+        )
+    }
+
+    /// Waits for admission and hands the ask to its entity's shard; the reply comes later.
+    pub(crate) async fn submit(self) -> Result<Submitted<E>, SubmitError> {
+        let inner = self.target.runtime()?;
+        let key = self.target.key;
+        let fresh_id = self.options.message_id.is_none();
+        let priority = self.options.priority;
+        let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
+        let closed = || SubmitError::Closed {
+            entity: E::NAME,
+            key: key.clone(),
+        };
+        let shard = inner.shard_index(E::NAME, &key);
+        let ticket = inner
+            .admit(E::NAME, &key, priority)
+            .await
+            .ok_or_else(closed)?;
+        let (reply, answer) = oneshot::channel();
+        let message_id = meta.message_id.clone();
+        let job = Job::<E>::Ask {
+            meta,
+            command: self.command,
+            expected_revision: self.expected_revision,
+            fresh_id,
+            reply,
+            ticket,
+            inbox_up_to: Some(inner.shared.seq.load(Ordering::Acquire)),
+            priority,
+        };
+        inner.shards[shard]
+            .addr
+            .try_send(Deliver {
+                key: key.clone(),
+                job,
+            })
+            .map_err(|_| closed())?;
+        Ok(Submitted {
+            key,
+            message_id,
+            answer,
+        })
+    }
+}
+
 impl<E: Entity> IntoFuture for Ask<E> {
     type Output = Result<OutcomeOf<E>, SubmitError>;
     type IntoFuture = Submit<OutcomeOf<E>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let inner = self.target.runtime()?;
-            let key = self.target.key;
-            let fresh_id = self.options.message_id.is_none();
-            let priority = self.options.priority;
-            let meta = self.options.meta::<E>(&key, inner.shared.clock.now_ms())?;
-            let closed = || SubmitError::Closed {
-                entity: E::NAME,
-                key: key.clone(),
-            };
-            let shard = inner.shard_index(E::NAME, &key);
-            let ticket = inner
-                .admit(E::NAME, &key, priority)
-                .await
-                .ok_or_else(closed)?;
-            let (reply, answer) = oneshot::channel();
-            let message_id = meta.message_id.clone();
-            let job = Job::<E>::Ask {
-                meta,
-                command: self.command,
-                expected_revision: self.expected_revision,
-                fresh_id,
-                reply,
-                ticket,
-                inbox_up_to: Some(inner.shared.seq.load(Ordering::Acquire)),
-                priority,
-            };
-            inner.shards[shard]
-                .addr
-                .try_send(Deliver {
-                    key: key.clone(),
-                    job,
-                })
-                .map_err(|_| closed())?;
-            // Do not keep the runtime alive while waiting: a dropped runtime must be able
-            // to close its database.
-            drop(inner);
-            answer.await.unwrap_or_else(|_| {
-                Err(SubmitError::ReplyLost {
-                    entity: E::NAME,
-                    key,
-                    message_id,
-                })
-            })
-        })
+        // The runtime is not kept alive while waiting for the reply: a dropped runtime must
+        // be able to close its database.
+        Box::pin(async move { self.submit().await?.reply().await })
     }
 }
 
@@ -736,47 +767,97 @@ impl<E: Entity> Tell<E> {
     }
 }
 
+/// A `tell` checked and encoded, not yet written.
+pub(crate) struct PreparedTell {
+    pub entity: &'static str,
+    pub key: String,
+    pub record: InboxRecord,
+    /// The encoded inbox entry.
+    pub bytes: Vec<u8>,
+    pub accepted: Accepted,
+    pub priority: Priority,
+    pub sheddable: bool,
+    /// When it is due, for a delayed message whose due time is in the future.
+    pub due_ms: Option<u64>,
+}
+
+impl<E: Entity> Tell<E> {
+    /// The key it is addressed to.
+    pub(crate) fn key(&self) -> &str {
+        &self.target.key
+    }
+
+    /// Checks the tell against its runtime (registered type, key, id, size) and encodes it.
+    pub(crate) fn prepare(&self) -> Result<(Arc<Inner>, PreparedTell), SubmitError> {
+        let inner = self.target.runtime()?;
+        let key = self.target.key.clone();
+        let now_ms = inner.shared.clock.now_ms();
+        let due_ms = match self.options.due {
+            None => None,
+            Some(Due::At(ms)) => Some(ms),
+            Some(Due::After(delay)) => Some(now_ms.saturating_add(ms_of(delay))),
+        }
+        .filter(|due| *due > now_ms);
+        let meta = self.options.meta::<E>(&key, now_ms)?;
+        let encode_error = |reason| SubmitError::Encode {
+            entity: E::NAME,
+            key: key.clone(),
+            reason,
+        };
+        let command = codec::encode(&self.command).map_err(encode_error)?;
+        let max = inner.shared.config.message_size_max;
+        if command.len() > max {
+            return Err(SubmitError::TooLarge {
+                entity: E::NAME,
+                key,
+                size: command.len(),
+                max,
+            });
+        }
+        let accepted = Accepted {
+            message_id: meta.message_id.clone(),
+            correlation_id: meta.correlation_id.clone(),
+            shed: false,
+            due_at_ms: None,
+        };
+        let record = InboxRecord { meta, command };
+        let bytes = codec::encode(&record).map_err(encode_error)?;
+        let prepared = PreparedTell {
+            entity: E::NAME,
+            key,
+            record,
+            bytes,
+            accepted,
+            priority: self.options.priority,
+            sheddable: self.options.sheddable,
+            due_ms,
+        };
+        Ok((inner, prepared))
+    }
+}
+
 impl<E: Entity> IntoFuture for Tell<E> {
     type Output = Result<Accepted, SubmitError>;
     type IntoFuture = Submit<Accepted>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let inner = self.target.runtime()?;
-            let key = self.target.key;
-            let priority = self.options.priority;
-            let sheddable = self.options.sheddable;
-            let now_ms = inner.shared.clock.now_ms();
-            let due_ms = match self.options.due {
-                None => None,
-                Some(Due::At(ms)) => Some(ms),
-                Some(Due::After(delay)) => Some(now_ms.saturating_add(ms_of(delay))),
-            }
-            .filter(|due| *due > now_ms);
-            let meta = self.options.meta::<E>(&key, now_ms)?;
+            let (inner, prepared) = self.prepare()?;
+            let PreparedTell {
+                key,
+                record,
+                bytes,
+                accepted,
+                priority,
+                sheddable,
+                due_ms,
+                ..
+            } = prepared;
             let encode_error = |reason| SubmitError::Encode {
                 entity: E::NAME,
                 key: key.clone(),
                 reason,
             };
-            let command = codec::encode(&self.command).map_err(encode_error)?;
-            let max = inner.shared.config.message_size_max;
-            if command.len() > max {
-                return Err(SubmitError::TooLarge {
-                    entity: E::NAME,
-                    key,
-                    size: command.len(),
-                    max,
-                });
-            }
-            let accepted = Accepted {
-                message_id: meta.message_id.clone(),
-                correlation_id: meta.correlation_id.clone(),
-                shed: false,
-                due_at_ms: None,
-            };
-            let record = InboxRecord { meta, command };
-            let bytes = codec::encode(&record).map_err(encode_error)?;
             let size = bytes.len() as u64;
             // Room in the lane first, holding nothing while we wait for it: the work that
             // makes room needs admission slots.

@@ -71,6 +71,18 @@ impl Runtime {
         EntityRef::new(Arc::downgrade(&self.inner), key.into())
     }
 
+    /// A batch of `tell`s to entities of any registered types, written in one atomic
+    /// durable write. See [`TellBatch`](crate::TellBatch).
+    pub fn tell_batch(&self) -> crate::TellBatch {
+        crate::TellBatch::new(Arc::downgrade(&self.inner))
+    }
+
+    /// A batch of `ask`s dispatched in one global order and answered in the caller's
+    /// order. See [`AskBatch`](crate::AskBatch).
+    pub fn ask_batch(&self) -> crate::AskBatch {
+        crate::AskBatch::default()
+    }
+
     /// The database directory.
     pub fn path(&self) -> &Path {
         &self.inner.path

@@ -169,7 +169,12 @@ impl Inner {
     /// Waits for room to write one `tell` to entity (`entity`, `key`)'s shard. `None` once
     /// the runtime is closing. Counted in `in_flight` until dropped.
     pub(crate) async fn accept(&self, entity: &str, key: &str) -> Option<Accepting> {
-        let shard = self.shard_index(entity, key);
+        self.accept_on(self.shard_index(entity, key)).await
+    }
+
+    /// [`Inner::accept`] on shard `shard` (a batch takes one per shard it writes to, in
+    /// shard order).
+    pub(crate) async fn accept_on(&self, shard: usize) -> Option<Accepting> {
         let permit = self.shards[shard]
             .accepting
             .clone()

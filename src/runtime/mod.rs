@@ -11,6 +11,7 @@
 //! - [`inner`]: the shards, the registry, the store and the effect workers together;
 //! - [`delayed`]: delayed messages waiting for their due time (accept, cancel, fire);
 //! - [`address`]: typed entity addresses;
+//! - `batch`: many tells in one atomic write, many asks in one global order;
 //! - `feeder`: per shard and lane, moves work from the durable inbox into admission;
 //! - `purge`: background removal of expired dedup records;
 //! - `handle`: the `Runtime` handle (entity addresses, stats, operator reads, closing);
@@ -20,6 +21,7 @@ pub(crate) mod actor;
 pub(crate) mod address;
 pub(crate) mod admission;
 pub(crate) mod backlog;
+pub(crate) mod batch;
 mod builder;
 pub(crate) mod delayed;
 mod feeder;
@@ -30,5 +32,8 @@ mod purge;
 pub(crate) mod shared;
 pub(crate) mod supervisor;
 
+pub use batch::{
+    Answer, Answers, AskBatch, BatchError, TellBatch, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
+};
 pub use builder::RuntimeBuilder;
 pub use handle::Runtime;
