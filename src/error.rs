@@ -349,6 +349,15 @@ pub enum SubmitError {
         /// The id to resend with.
         message_id: String,
     },
+    /// A transaction cannot run as declared (its members, or an expected revision of an
+    /// entity that is not a member): fix the declaration.
+    #[error("transaction {transaction} cannot run: {reason}")]
+    InvalidTransaction {
+        /// The transaction's name.
+        transaction: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// [`Answers::take`](crate::Answers::take) was given an answer that is not from its
     /// batch, or whose result was taken already: read each answer once, from its own batch.
     #[error(

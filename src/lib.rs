@@ -111,6 +111,7 @@ pub use crate::core::keys::{ENTITY_KEY_LEN_MAX, ENTITY_NAME_LEN_MAX, MESSAGE_ID_
 pub use crate::core::limits::{BreakerPolicy, BreakerState, Rate};
 pub use crate::core::merge;
 pub use crate::core::schedule::Overlap;
+pub use crate::core::transaction::{Member, Members, Transaction, TxContext, TX_MEMBERS_MAX};
 pub use backend::Backend;
 pub use clock::{Clock, ManualClock, Sleep, SystemClock};
 pub use dead_letter::{DeadLetter, Shed};
@@ -126,8 +127,8 @@ pub use priority::{BacklogKind, LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, Cancelled, EntityRef, Snapshot, Tell};
 pub use runtime::{
-    Answer, Answers, AskBatch, BatchError, Runtime, RuntimeBuilder, TellBatch, BATCH_BYTES_MAX,
-    BATCH_MESSAGES_MAX,
+    Answer, Answers, AskBatch, BatchError, Runtime, RuntimeBuilder, TellBatch, Transact, TxOutcome,
+    BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
 };
 pub use telemetry::{EffectTypeStats, LaneStats, RuntimeStats};
 pub use time::{Schedule, ScheduleError, ScheduleStatus, Schedules};

@@ -26,3 +26,4 @@ pub mod merge;
 pub(crate) mod ops;
 pub(crate) mod records;
 pub(crate) mod schedule;
+pub(crate) mod transaction;

@@ -309,6 +309,22 @@ impl<E: Entity> EntityActor<E> {
                 reply,
                 ticket,
             } => self.prioritise(lane, reply, ticket, ctx),
+            mut job @ Job::Hold {
+                inbox_up_to: Some(up_to),
+                ..
+            } if self.inbox_has_entry_up_to(up_to) => {
+                if let Job::Hold { inbox_up_to, .. } = &mut job {
+                    *inbox_up_to = None;
+                }
+                self.queue.push_front(job);
+                self.drain_next(up_to, None, ctx);
+            }
+            Job::Hold {
+                reply,
+                release,
+                ticket,
+                inbox_up_to: _,
+            } => self.hold(reply, release, ticket, ctx),
             Job::Passivate { reply, ticket } => {
                 drop(ticket);
                 if !self.queue.is_empty() || self.stopping {
@@ -330,6 +346,35 @@ impl<E: Entity> EntityActor<E> {
                 }
             }
         }
+    }
+
+    /// Holds the entity for a transaction: answers with its committed state and applies
+    /// nothing else (the actor stays busy) until the transaction releases it.
+    fn hold(
+        &mut self,
+        reply: oneshot::Sender<Result<Loaded<E::State>, SubmitError>>,
+        release: oneshot::Receiver<Option<Loaded<E::State>>>,
+        ticket: Ticket,
+        ctx: &mut Context<Self>,
+    ) {
+        let loaded = self.load();
+        let held = loaded.is_ok();
+        if reply.send(loaded).is_err() || !held {
+            // The transaction gave up before its answer (or cannot read this entity).
+            return;
+        }
+        self.busy = true;
+        ctx.spawn(release.into_actor(self).map(move |released, act, ctx| {
+            drop(ticket);
+            act.busy = false;
+            match released {
+                Ok(Some(next)) => act.loaded = Some(next),
+                Ok(None) => {}
+                // Dropped: it may have committed; read again what is stored.
+                Err(_) => act.loaded = None,
+            }
+            act.pump(ctx);
+        }));
     }
 
     /// True if this entity's inbox holds an entry with a sequence up to `up_to`. Reads the

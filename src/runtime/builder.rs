@@ -34,7 +34,9 @@ use crate::telemetry::Stats;
 use crate::time::{self, scheduler::Scheduler};
 
 use crate::runtime::handle::Runtime;
-use crate::runtime::inner::{wake, Inner, Registration, ShardRef, Threads};
+use crate::runtime::inner::{
+    encode_state, hold, wake, Inner, Registration, ShardRef, Threads, TxClaims,
+};
 use crate::runtime::purge::start_purge;
 use crate::runtime::shared::{Config, Shared};
 
@@ -79,6 +81,7 @@ pub struct RuntimeBuilder {
     durability: Durability,
     backend: Backend,
     registry: HashMap<&'static str, Registration>,
+    transactions: HashMap<&'static str, TypeId>,
     registry_error: Option<OpenError>,
     executors: HashMap<&'static str, effects::Registered>,
     effect_limits: HashMap<&'static str, effects::EffectLimits>,
@@ -126,6 +129,7 @@ impl RuntimeBuilder {
             durability: Durability::Sync,
             backend: Backend::Sled,
             registry: HashMap::new(),
+            transactions: HashMap::new(),
             registry_error: None,
             executors: HashMap::new(),
             effect_limits: HashMap::new(),
@@ -218,8 +222,37 @@ impl RuntimeBuilder {
             Registration {
                 type_id: TypeId::of::<E>(),
                 wake: wake::<E>,
+                hold: hold::<E>,
+                encode_state: encode_state::<E>,
             },
         );
+        self
+    }
+
+    /// Registers transaction `T` (an atomic command over several entities; see
+    /// [`Transaction`](crate::Transaction)). Its members' entity types must be registered
+    /// too. Its name must differ from every entity type's and other transaction's.
+    pub fn transaction<T: crate::Transaction>(mut self) -> Self {
+        let name = T::NAME;
+        let problem = if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX {
+            Some(format!("names must be 1 to {ENTITY_NAME_LEN_MAX} bytes"))
+        } else {
+            match self.transactions.get(name) {
+                Some(t) if *t != TypeId::of::<T>() => Some(
+                    "another transaction is registered under this name; names must be unique"
+                        .into(),
+                ),
+                _ => None,
+            }
+        };
+        if let Some(reason) = problem {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason,
+            });
+            return self;
+        }
+        self.transactions.insert(name, TypeId::of::<T>());
         self
     }
 
@@ -478,6 +511,17 @@ impl RuntimeBuilder {
     /// [`OpenError`] for an invalid setting, a duplicate entity name, a database held by
     /// another process, an unusable directory, or data in a foreign layout.
     pub fn open(mut self) -> Result<Runtime, OpenError> {
+        if let Some(name) = self
+            .transactions
+            .keys()
+            .find(|n| self.registry.contains_key(*n))
+        {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason: "a transaction and an entity type share this name; names must differ"
+                    .into(),
+            });
+        }
         if let Some(e) = self.registry_error.take() {
             return Err(e);
         }
@@ -572,6 +616,8 @@ impl RuntimeBuilder {
             delayed: Arc::new(Delayed::default()),
             shards,
             registry: self.registry,
+            transactions: self.transactions,
+            tx_claims: TxClaims::default(),
             closed: AtomicBool::new(false),
             threads: Mutex::new(None),
             path: self.path.clone(),

@@ -71,6 +71,14 @@ impl Runtime {
         EntityRef::new(Arc::downgrade(&self.inner), key.into())
     }
 
+    /// Runs transaction `T` (registered with
+    /// [`RuntimeBuilder::transaction`](crate::RuntimeBuilder::transaction)) with `command`:
+    /// an atomic change of several entities. The returned builder sets its id, version,
+    /// expected revisions and lane; await it. See [`Transaction`](crate::Transaction).
+    pub fn transaction<T: crate::Transaction>(&self, command: T::Command) -> crate::Transact<T> {
+        crate::Transact::new(Arc::downgrade(&self.inner), command)
+    }
+
     /// A batch of `tell`s to entities of any registered types, written in one atomic
     /// durable write. See [`TellBatch`](crate::TellBatch).
     pub fn tell_batch(&self) -> crate::TellBatch {

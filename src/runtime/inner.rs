@@ -2,9 +2,11 @@
 //! addresses: the shards and their admission, the registry of entity types, the store, the
 //! effect workers and the threads to join at close.
 
-use std::any::TypeId;
-use std::collections::HashMap;
+use std::any::{Any, TypeId};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -12,11 +14,15 @@ use std::thread;
 use actix::prelude::*;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::core::apply::Loaded;
+use crate::core::codec;
 use crate::core::hash::shard_of;
+use crate::core::records::StateRecord;
 use crate::effects::Effects;
 use crate::entity::Entity;
+use crate::error::SubmitError;
 use crate::priority::Priority;
 use crate::runtime::admission::{self, Draining, Gate, Ticket};
 use crate::runtime::delayed::Delayed;
@@ -42,6 +48,146 @@ pub(crate) struct ShardRef {
 pub(crate) struct Registration {
     pub(crate) type_id: TypeId,
     pub(crate) wake: fn(&Inner, String, Ticket, u64) -> bool,
+    /// Holds an entity for a transaction (see [`hold`]).
+    pub(crate) hold: fn(&Inner, String, Ticket, u64) -> HoldFuture,
+    /// Encodes a state record of the type's state, given as `Any`.
+    pub(crate) encode_state: EncodeState,
+}
+
+/// Encodes `(state, revision, version, updated at ms)` as a state record.
+pub(crate) type EncodeState =
+    fn(&(dyn Any + Send), u64, Option<u64>, u64) -> Result<Vec<u8>, String>;
+
+/// What a released member becomes: its new state, revision and version once committed.
+pub(crate) type Released = Option<(Box<dyn Any + Send>, u64, Option<u64>)>;
+
+/// An entity held for a transaction, its type erased.
+pub(crate) struct Held {
+    pub revision: u64,
+    pub version: Option<u64>,
+    /// A copy of its committed state (its type's `State`).
+    pub state: Box<dyn Any + Send>,
+    /// Lets the entity go: with what was committed, or `None` if nothing changed. Dropping
+    /// it unused makes the entity reload from the store.
+    pub release: Box<dyn FnOnce(Released) + Send>,
+}
+
+pub(crate) type HoldFuture = Pin<Box<dyn Future<Output = Result<Held, SubmitError>> + Send>>;
+
+/// Holds entity (`E`, `key`) for a transaction: once every inbox entry up to `up_to` is
+/// applied, its actor answers with its committed state and applies nothing else until
+/// released.
+pub(crate) fn hold<E: Entity>(
+    inner: &Inner,
+    key: String,
+    ticket: Ticket,
+    up_to: u64,
+) -> HoldFuture {
+    let shard = inner.shard_index(E::NAME, &key);
+    let (reply, answer) = oneshot::channel();
+    let (release_tx, release) = oneshot::channel::<Option<Loaded<E::State>>>();
+    let job = Job::<E>::Hold {
+        reply,
+        release,
+        ticket,
+        inbox_up_to: Some(up_to),
+    };
+    let closed = SubmitError::Closed {
+        entity: E::NAME,
+        key: key.clone(),
+    };
+    let sent = inner.shards[shard].addr.try_send(Deliver {
+        key: key.clone(),
+        job,
+    });
+    Box::pin(async move {
+        sent.map_err(|_| closed)?;
+        let loaded = answer.await.map_err(|_| SubmitError::ReplyLost {
+            entity: E::NAME,
+            key,
+            message_id: String::new(),
+        })??;
+        let release = move |released: Released| {
+            let next = released.map(|(state, revision, version)| {
+                state.downcast::<E::State>().map(|state| Loaded {
+                    revision,
+                    version,
+                    state: *state,
+                })
+            });
+            match next {
+                None => {
+                    let _ = release_tx.send(None);
+                }
+                Some(Ok(next)) => {
+                    let _ = release_tx.send(Some(next));
+                }
+                // Not its type (cannot happen): drop the sender, the actor reloads.
+                Some(Err(_)) => drop(release_tx),
+            }
+        };
+        Ok(Held {
+            revision: loaded.revision,
+            version: loaded.version,
+            state: Box::new(loaded.state),
+            release: Box::new(release),
+        })
+    })
+}
+
+/// Encodes a state record of `E` from its state given as `Any`.
+pub(crate) fn encode_state<E: Entity>(
+    state: &(dyn Any + Send),
+    revision: u64,
+    version: Option<u64>,
+    now_ms: u64,
+) -> Result<Vec<u8>, String> {
+    let state = state
+        .downcast_ref::<E::State>()
+        .ok_or_else(|| format!("a state given for {} is of another type", E::NAME))?;
+    codec::encode(&StateRecord {
+        revision,
+        version,
+        updated_at_ms: now_ms,
+        state,
+    })
+}
+
+/// Message ids of transactions running now (per transaction type), so that two with one
+/// id run one after the other: the second finds the first's dedup record.
+#[derive(Debug, Default)]
+pub(crate) struct TxClaims {
+    running: Mutex<HashSet<(&'static str, String)>>,
+    released: Notify,
+}
+
+/// A claim on one transaction id, released when dropped.
+pub(crate) struct TxClaim<'a> {
+    claims: &'a TxClaims,
+    id: (&'static str, String),
+}
+
+impl Drop for TxClaim<'_> {
+    fn drop(&mut self) {
+        self.claims.running.lock().remove(&self.id);
+        self.claims.released.notify_waiters();
+    }
+}
+
+impl TxClaims {
+    /// Waits until no transaction of type `name` with id `id` runs, and claims it.
+    pub(crate) async fn claim(&self, name: &'static str, id: &str) -> TxClaim<'_> {
+        let id = (name, id.to_string());
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.running.lock().insert(id.clone()) {
+                return TxClaim { claims: self, id };
+            }
+            released.await;
+        }
+    }
 }
 
 /// Sends entity (`E`, `key`) a drain of its inbox entries up to sequence `up_to`.
@@ -89,6 +235,9 @@ pub(crate) struct Inner {
     pub delayed: Arc<Delayed>,
     pub shards: Vec<ShardRef>,
     pub(crate) registry: HashMap<&'static str, Registration>,
+    /// Registered transactions: name and type.
+    pub(crate) transactions: HashMap<&'static str, TypeId>,
+    pub(crate) tx_claims: TxClaims,
     pub(crate) closed: AtomicBool,
     pub(crate) threads: Mutex<Option<Threads>>,
     pub(crate) path: PathBuf,

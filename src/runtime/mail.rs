@@ -5,7 +5,7 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::core::apply::OutcomeOf;
+use crate::core::apply::{Loaded, OutcomeOf};
 use crate::core::records::Meta;
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
@@ -64,6 +64,17 @@ pub(crate) enum Job<E: Entity> {
         lane: Priority,
         reply: oneshot::Sender<Result<u64, AdminError>>,
         ticket: Ticket,
+    },
+    /// Hold the entity for an atomic multi-entity command (a transaction): reply with its
+    /// committed state, then apply nothing else until `release` says what was committed
+    /// (`Some`: the new state; `None`: nothing changed). A dropped `release` (the command
+    /// gave up, maybe after committing) makes the actor reload from the store.
+    Hold {
+        reply: oneshot::Sender<Result<Loaded<E::State>, SubmitError>>,
+        release: oneshot::Receiver<Option<Loaded<E::State>>>,
+        ticket: Ticket,
+        /// As for an ask: inbox entries up to this sequence go first.
+        inbox_up_to: Option<u64>,
     },
     /// Passivate now if nothing else is queued; replies whether the actor stopped.
     Passivate {

@@ -12,6 +12,7 @@
 //! - [`delayed`]: delayed messages waiting for their due time (accept, cancel, fire);
 //! - [`address`]: typed entity addresses;
 //! - `batch`: many tells in one atomic write, many asks in one global order;
+//! - `transaction`: atomic multi-entity commands (hold, evaluate, commit, release);
 //! - `feeder`: per shard and lane, moves work from the durable inbox into admission;
 //! - `purge`: background removal of expired dedup records;
 //! - `handle`: the `Runtime` handle (entity addresses, stats, operator reads, closing);
@@ -31,9 +32,11 @@ pub(crate) mod mail;
 mod purge;
 pub(crate) mod shared;
 pub(crate) mod supervisor;
+pub(crate) mod transaction;
 
 pub use batch::{
     Answer, Answers, AskBatch, BatchError, TellBatch, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
 };
 pub use builder::RuntimeBuilder;
 pub use handle::Runtime;
+pub use transaction::{Transact, TxOutcome};
