@@ -689,6 +689,128 @@ async fn breaker_backlog(pending: u64, probes: u64) -> Result<Measured, Error> {
     Ok(measured)
 }
 
+// ---- Many entities at once: batches and transactions ------------------------------------
+
+/// 8 senders, each sending batches of `size` tells to random keys among `KEYS`, for `secs`:
+/// the rate at which tells are accepted (durable in the inbox); the latency is one batch's,
+/// until it is durable. Processing them goes on after the window (not counted).
+async fn tell_batches(size: usize, secs: f64) -> Result<Measured, Error> {
+    const BATCH_SENDERS: usize = 8;
+    let (_dir, rt) = open(Durability::Sync, Duration::from_secs(60), Backend::Sled)?;
+    let rt = Arc::new(rt);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..BATCH_SENDERS)
+        .map(|s| {
+            let (rt, stop, sent) = (rt.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut seed = 0x5851_F42D_4C95_7F2D ^ (s as u64 + 1);
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut batch = rt.tell_batch();
+                    for _ in 0..size {
+                        batch.push(rt.entity::<Item>(key_name(next(&mut seed) % KEYS)).tell(1));
+                    }
+                    let t = Instant::now();
+                    batch.send().await.expect("batch");
+                    latencies.push(micros(t));
+                    sent.fetch_add(size as u64, Ordering::Relaxed);
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    // Accepted (durable in the inbox) in the window: `per_batch` carries the tells
+    // accepted per flush (a batch is one commit), `per_flush` the flushes per batch.
+    let accepted_in = started.elapsed().as_secs_f64();
+    let flushes = rt.stats().flushes;
+    let batches = all.len().max(1) as f64;
+    let mut measured = Measured::new(sent.load(Ordering::Relaxed), accepted_in, all);
+    measured.per_batch = measured.messages as f64 / flushes.max(1) as f64;
+    measured.per_flush = flushes as f64 / batches;
+    rt.idle().await;
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown().await;
+    }
+    Ok(measured)
+}
+
+/// A two-entity transaction: touches both items.
+struct Pair;
+impl keystead::Transaction for Pair {
+    const NAME: &'static str = "pair";
+    type Command = (u64, u64);
+    type Reply = ();
+    type Error = item::Never;
+    fn members(&(a, b): &(u64, u64)) -> keystead::Members {
+        keystead::Members::new()
+            .with::<Item>(key_name(a))
+            .with::<Item>(key_name(b))
+    }
+    fn handle(&(a, b): &(u64, u64), tx: &mut keystead::TxContext<'_>) -> Result<(), item::Never> {
+        tx.state_mut::<Item>(&key_name(a)).touch(1);
+        tx.state_mut::<Item>(&key_name(b)).touch(2);
+        Ok(())
+    }
+}
+
+/// Two-entity transactions for `secs`: `senders` senders, each on random pairs of distinct
+/// keys among `keys` (10,000: they rarely collide; 8: they collide all the time).
+async fn transactions(senders: usize, keys: u64, secs: f64) -> Result<Measured, Error> {
+    let dir = tempfile::tempdir_in(".")?;
+    let rt = Runtime::builder(dir.path())
+        .register::<Item>()
+        .transaction::<Pair>()
+        .open()?;
+    let rt = Arc::new(rt);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..senders)
+        .map(|s| {
+            let (rt, stop, sent) = (rt.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut seed = 0x2545_F491_4F6C_DD1D ^ (s as u64 + 1);
+                let mut latencies = Vec::with_capacity(1 << 14);
+                while !stop.load(Ordering::Relaxed) {
+                    let a = next(&mut seed) % keys;
+                    let b = (a + 1 + next(&mut seed) % (keys - 1)) % keys;
+                    let t = Instant::now();
+                    drop(rt.transaction::<Pair>((a, b)).await.expect("transaction"));
+                    latencies.push(micros(t));
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let mut measured = Measured::new(
+        sent.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        all,
+    );
+    let stats = rt.stats();
+    measured.per_batch = stats.commits as f64 / stats.commit_batches.max(1) as f64;
+    measured.per_flush = stats.commits as f64 / stats.flushes.max(1) as f64;
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown().await;
+    }
+    Ok(measured)
+}
+
 // ---- Time: timer accuracy ------------------------------------------------------------
 
 /// 10,000 delayed messages (one per entity) due within the same second, 3 s from now, on
@@ -1035,6 +1157,10 @@ fn child(args: &[String]) -> Result<(), Error> {
             None,
         ))?,
         "storage-fjall" => storage_fjall(secs)?,
+        "tell-batch" => tokio.block_on(tell_batches(param as usize, secs))?,
+        "tx" => tokio.block_on(transactions(SENDERS, KEYS, secs))?,
+        "tx-contended" => tokio.block_on(transactions(SENDERS, 8, secs))?,
+        "tx-one-sender" => tokio.block_on(transactions(1, KEYS, secs))?,
         "timers" => tokio.block_on(timer_accuracy(if param > 0.0 {
             Backend::Fjall
         } else {
@@ -1143,6 +1269,13 @@ fn main() -> Result<(), Error> {
     });
     let drain = run("drain", 0.0, 20_000.0)?;
     let breaker_backlog = run("breaker-backlog", 0.0, 0.0)?;
+    let batches: Vec<(usize, Measured)> = [1usize, 100, 1_000]
+        .into_iter()
+        .map(|n| run("tell-batch", short, n as f64).map(|m| (n, m)))
+        .collect::<Result<_, _>>()?;
+    let tx = run("tx", short, 0.0)?;
+    let tx_contended = run("tx-contended", short, 0.0)?;
+    let tx_one = run("tx-one-sender", short, 0.0)?;
     let timers_sled = run("timers", 0.0, 0.0)?;
     let timers_fjall = run("timers", 0.0, 1.0)?;
 
@@ -1372,6 +1505,41 @@ fn main() -> Result<(), Error> {
         ms(breaker_backlog.p99_us),
         breaker_backlog.peak_rss_kib / 1024,
         no_effects_backlog.peak_rss_kib / 1024
+    );
+    let _ = writeln!(out, "\nmany entities at once (sled, durable)");
+    for (n, m) in &batches {
+        let _ = writeln!(
+            out,
+            "  tell batches of {n:>5} (8 senders)   accepted {:>9.0} tells/s  batch p50 {}  p99 {}  tells per flush {:.0}  flushes per batch {:.2}  peak RSS {} MiB",
+            m.rate(),
+            ms(m.p50_us),
+            ms(m.p99_us),
+            m.per_batch,
+            m.per_flush,
+            m.peak_rss_kib / 1024
+        );
+    }
+    for (what, m) in [
+        ("two-entity transactions, 64 senders, 10,000 keys", &tx),
+        (
+            "two-entity transactions, 64 senders, 8 keys (contended)",
+            &tx_contended,
+        ),
+        ("two-entity transactions, 1 sender, 10,000 keys", &tx_one),
+    ] {
+        let _ = writeln!(
+            out,
+            "  {what:<56} {:>8.0}/s  p50 {}  p99 {}",
+            m.rate(),
+            ms(m.p50_us),
+            ms(m.p99_us)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  transactions vs single asks {:.2}; 64 senders vs 1 on disjoint keys {:.1}x (no global lock)",
+        tx.rate() / ask.rate().max(1e-9),
+        tx.rate() / tx_one.rate().max(1e-9)
     );
     let _ = writeln!(out, "\ntime: 10,000 delayed messages due within the same second (one per entity; lateness = handler's clock minus due time)");
     for (engine, m) in [("sled", &timers_sled), ("fjall", &timers_fjall)] {

@@ -33,6 +33,15 @@ impl Failure for Never {
 }
 
 /// Writes its command byte into the state and counts the change.
+impl Blob {
+    /// Writes `b` into the state and counts the change.
+    pub fn touch(&mut self, b: u8) -> u64 {
+        self.bytes[0] = b;
+        self.touched += 1;
+        self.touched
+    }
+}
+
 pub struct Item;
 
 impl Entity for Item {
@@ -42,8 +51,6 @@ impl Entity for Item {
     type Reply = u64;
     type Error = Never;
     fn handle(s: &mut Blob, b: &u8, _: &mut Context<'_>) -> Result<u64, Never> {
-        s.bytes[0] = *b;
-        s.touched += 1;
-        Ok(s.touched)
+        Ok(s.touch(*b))
     }
 }
