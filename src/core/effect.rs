@@ -98,6 +98,9 @@ pub struct EffectContext {
     pub(crate) key: EffectKey,
     pub(crate) correlation_id: String,
     pub(crate) attempt: u32,
+    /// The runtime, weakly and type-erased: [`EffectContext::runtime`] (in the runtime's
+    /// module) turns it into a handle.
+    pub(crate) runtime: Option<std::sync::Weak<dyn std::any::Any + Send + Sync>>,
 }
 
 impl EffectContext {

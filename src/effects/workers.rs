@@ -700,6 +700,7 @@ impl Effects {
                 key: record.info.effect_key.clone(),
                 correlation_id: record.info.correlation_id.clone(),
                 attempt: record.info.attempts,
+                runtime: self.shared.runtime.get().cloned(),
             };
             let attempt = run(record.payload.clone(), ctx).instrument(span.clone());
             let result = match attempt_timeout {

@@ -50,6 +50,9 @@ use crate::telemetry::Stats;
 pub struct EntityRef<E: Entity> {
     inner: Weak<Inner>,
     key: String,
+    /// The correlation id its messages carry unless they set one (from a
+    /// [`RuntimeHandle::with_correlation_id`]).
+    correlation_id: Option<Arc<str>>,
     _entity: PhantomData<fn() -> E>,
 }
 
@@ -58,7 +61,135 @@ impl<E: Entity> Clone for EntityRef<E> {
         Self {
             inner: self.inner.clone(),
             key: self.key.clone(),
+            correlation_id: self.correlation_id.clone(),
             _entity: PhantomData,
+        }
+    }
+}
+
+/// A cheap, cloneable handle on a runtime, for code that must reach entities from where a
+/// [`Runtime`](crate::Runtime) is not at hand: an effect executor
+/// ([`EffectContext::runtime`](crate::EffectContext::runtime)), a task, a process manager.
+/// It holds the runtime weakly: it never keeps a closed runtime (or its database lock)
+/// alive, and once the runtime is closed every send through it fails with
+/// [`SubmitError::Closed`] (check [`RuntimeHandle::is_closed`] to stop a loop). It may
+/// carry a correlation id, which every message sent through it carries unless the message
+/// sets its own.
+///
+/// ```
+/// # use keystead::{Context, Entity, Failure, FailureKind, Runtime};
+/// # #[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize, Clone, PartialEq)]
+/// # #[error("never")] struct Never;
+/// # impl Failure for Never { fn kind(&self) -> FailureKind { FailureKind::Permanent } }
+/// # struct Counter;
+/// # impl Entity for Counter {
+/// #     const NAME: &'static str = "counter";
+/// #     type State = u64; type Command = u64; type Reply = u64; type Error = Never;
+/// #     fn handle(s: &mut u64, c: &u64, _: &mut Context<'_>) -> Result<u64, Never> { *s += c; Ok(*s) }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let rt = Runtime::builder(dir.path()).register::<Counter>().open()?;
+/// let handle = rt.handle(); // Clone + Send + Sync + 'static
+/// let task = tokio::spawn(async move { handle.entity::<Counter>("c-1").ask(2).await });
+/// task.await??;
+/// let handle = rt.handle();
+/// rt.shutdown().await;
+/// assert!(handle.is_closed());
+/// assert!(handle.entity::<Counter>("c-1").ask(1).await.is_err()); // Closed, not a hang
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    inner: Weak<dyn std::any::Any + Send + Sync>,
+    correlation_id: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeHandle")
+            .field("closed", &self.is_closed())
+            .field("correlation_id", &self.correlation_id)
+            .finish()
+    }
+}
+
+impl RuntimeHandle {
+    pub(crate) fn new(inner: Weak<dyn std::any::Any + Send + Sync>) -> Self {
+        Self {
+            inner,
+            correlation_id: None,
+        }
+    }
+
+    /// The runtime, if it is still there.
+    fn runtime(&self) -> Weak<Inner> {
+        self.inner
+            .upgrade()
+            .and_then(|any| any.downcast::<Inner>().ok())
+            .map_or_else(Weak::new, |inner| Arc::downgrade(&inner))
+    }
+
+    /// The address of entity `key` of type `E`; its messages carry this handle's
+    /// correlation id unless they set one.
+    pub fn entity<E: Entity>(&self, key: impl Into<String>) -> EntityRef<E> {
+        EntityRef {
+            inner: self.runtime(),
+            key: key.into(),
+            correlation_id: self.correlation_id.clone(),
+            _entity: PhantomData,
+        }
+    }
+
+    /// Runs transaction `T` with `command` (see [`Runtime::transaction`](crate::Runtime::transaction)).
+    pub fn transaction<T: crate::Transaction>(&self, command: T::Command) -> crate::Transact<T> {
+        let tx = crate::Transact::new(self.runtime(), command);
+        match &self.correlation_id {
+            Some(id) => tx.correlation_id(id.to_string()),
+            None => tx,
+        }
+    }
+
+    /// A batch of `tell`s (see [`TellBatch`](crate::TellBatch)).
+    pub fn tell_batch(&self) -> crate::TellBatch {
+        crate::TellBatch::new(self.runtime())
+    }
+
+    /// A batch of `ask`s (see [`AskBatch`](crate::AskBatch)).
+    pub fn ask_batch(&self) -> crate::AskBatch {
+        crate::AskBatch::default()
+    }
+
+    /// The same handle, carrying correlation id `id` into every message sent through it
+    /// (a message that sets its own keeps its own).
+    #[must_use]
+    pub fn with_correlation_id(&self, id: impl Into<String>) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            correlation_id: Some(Arc::from(id.into())),
+        }
+    }
+
+    /// True once the runtime is closed (or dropped): every send through the handle fails.
+    pub fn is_closed(&self) -> bool {
+        self.runtime()
+            .upgrade()
+            .is_none_or(|inner| inner.is_closed())
+    }
+}
+
+impl crate::EffectContext {
+    /// A handle on the runtime that runs this effect, carrying the correlation id of the
+    /// message that recorded it: an executor uses it to send to other entities (a process
+    /// manager, a saga step). See [`RuntimeHandle`].
+    pub fn runtime(&self) -> RuntimeHandle {
+        RuntimeHandle {
+            inner: self
+                .runtime
+                .clone()
+                .unwrap_or_else(|| Weak::<Inner>::new() as Weak<dyn std::any::Any + Send + Sync>),
+            correlation_id: Some(Arc::from(self.correlation_id.as_str())),
         }
     }
 }
@@ -176,7 +307,16 @@ impl<E: Entity> EntityRef<E> {
         Self {
             inner,
             key,
+            correlation_id: None,
             _entity: PhantomData,
+        }
+    }
+
+    /// Options with this address's default correlation id.
+    fn options(&self) -> Options {
+        Options {
+            correlation_id: self.correlation_id.as_deref().map(str::to_string),
+            ..Options::default()
         }
     }
 
@@ -193,7 +333,7 @@ impl<E: Entity> EntityRef<E> {
         Ask {
             target: self.clone(),
             command,
-            options: Options::default(),
+            options: self.options(),
             expected_revision: None,
         }
     }
@@ -229,7 +369,7 @@ impl<E: Entity> EntityRef<E> {
         Tell {
             target: self.clone(),
             command,
-            options: Options::default(),
+            options: self.options(),
         }
     }
 

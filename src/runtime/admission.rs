@@ -569,6 +569,7 @@ mod tests {
             outbox: crate::runtime::backlog::Backlog::new(Default::default()),
             feeds: vec![Default::default()],
             inbox_generations: vec![AtomicU64::new(0)],
+            runtime: Default::default(),
         });
         Gate::new(
             GateConfig {

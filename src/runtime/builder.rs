@@ -565,6 +565,7 @@ impl RuntimeBuilder {
             outbox: Backlog::new(self.outbox_limits),
             feeds: (0..self.shards).map(|_| Default::default()).collect(),
             inbox_generations: (0..self.shards).map(|_| AtomicU64::new(0)).collect(),
+            runtime: Default::default(),
         });
         shared.stats.timers_pending.store(timers, Ordering::Release);
         // Every lane feeder (one per shard and lane, and the effect feeders, one per lane)
@@ -622,6 +623,8 @@ impl RuntimeBuilder {
             threads: Mutex::new(None),
             path: self.path.clone(),
         });
+        let weak: std::sync::Weak<Inner> = Arc::downgrade(&inner);
+        let _ = shared.runtime.set(weak);
         let (purge_stop, purge_thread) = start_purge(Arc::downgrade(&inner))?;
         *inner.threads.lock() = Some(Threads {
             system,

@@ -71,6 +71,14 @@ impl Runtime {
         EntityRef::new(Arc::downgrade(&self.inner), key.into())
     }
 
+    /// A cheap, cloneable handle on this runtime (see
+    /// [`RuntimeHandle`](crate::RuntimeHandle)): `Send + Sync + 'static`, weak, and closed
+    /// with the runtime.
+    pub fn handle(&self) -> crate::RuntimeHandle {
+        let weak: std::sync::Weak<Inner> = Arc::downgrade(&self.inner);
+        crate::RuntimeHandle::new(weak)
+    }
+
     /// Runs transaction `T` (registered with
     /// [`RuntimeBuilder::transaction`](crate::RuntimeBuilder::transaction)) with `command`:
     /// an atomic change of several entities. The returned builder sets its id, version,

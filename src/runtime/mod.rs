@@ -34,6 +34,7 @@ pub(crate) mod shared;
 pub(crate) mod supervisor;
 pub(crate) mod transaction;
 
+pub use address::RuntimeHandle;
 pub use batch::{
     Answer, Answers, AskBatch, BatchError, TellBatch, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
 };

@@ -49,6 +49,9 @@ pub(crate) struct Shared {
     /// Per shard: bumped after every commit that adds an inbox entry there, so an actor
     /// that found its inbox empty knows when it must look again.
     pub inbox_generations: Vec<AtomicU64>,
+    /// The runtime itself, weakly and type-erased (set once at open), for the handles that
+    /// lower layers hand out (an effect executor's `EffectContext::runtime`).
+    pub runtime: std::sync::OnceLock<std::sync::Weak<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Shared {
