@@ -67,6 +67,10 @@ fn kill_cycles(mode: Mode, kills: u64) -> torture::Report {
         "{mode:?}: the reader must have been shown revisions: {report:?}"
     );
     assert!(
+        report.transfers_acknowledged > 10,
+        "{mode:?}: transactions must run under the kills: {report:?}"
+    );
+    assert!(
         report.ok(),
         "{mode:?}: crash torture failed: {report:?}\nreplay: KEYSTEAD_TORTURE_SEED={seed} cargo test --test crash_torture"
     );

@@ -15,6 +15,9 @@
 //! effect performed twice per effect key or for a change that was lost, the inbox empty,
 //! every record decodable.
 //!
+//! Transactions run beside them: transfers between six purses, naming the two in either
+//! order; each is all or nothing after a restart, once per id, and money is conserved.
+//!
 //! [`fresh_open_torture`] kills children inside the very first open of new directories.
 
 #![allow(dead_code)]
@@ -30,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use keystead::{
     BacklogKind, Context, Effect, EffectContext, EffectError, Entity, Executor, Failure,
-    FailureKind, Feedback, LaneLimits, Outcome, Overlap, Priority, Recorded, RetryPolicy, Runtime,
-    Schedule, SubmitError, WhenFull,
+    FailureKind, Feedback, LaneLimits, Members, Outcome, Overlap, Priority, Recorded, RetryPolicy,
+    Runtime, Schedule, SubmitError, Transaction, TxContext, WhenFull,
 };
 use serde::{Deserialize, Serialize};
 
@@ -165,6 +168,72 @@ impl Effect for Post {
     type Origin = LedgerEntity;
 }
 
+/// How many purses the transfers move money between.
+pub const PURSES: u64 = 6;
+
+/// A purse: its balance (may go below zero: the sum over all purses must stay 0) and the
+/// transfers applied to it, by id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Purse {
+    pub cents: i64,
+    pub transfers: Vec<String>,
+}
+
+pub struct PurseEntity;
+impl Entity for PurseEntity {
+    const NAME: &'static str = "purse";
+    type State = Purse;
+    type Command = i64;
+    type Reply = i64;
+    type Error = Transient;
+    fn handle(p: &mut Purse, cents: &i64, _: &mut Context<'_>) -> Result<i64, Transient> {
+        p.cents += cents;
+        Ok(p.cents)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShiftCmd {
+    pub from: u64,
+    pub to: u64,
+    pub cents: i64,
+    /// Name the members `to` first (the opposite order).
+    pub reversed: bool,
+}
+
+/// Moves money between two purses, recording its id in both.
+pub struct Shift;
+impl Transaction for Shift {
+    const NAME: &'static str = "shift";
+    type Command = ShiftCmd;
+    type Reply = ();
+    type Error = Transient;
+    fn members(c: &ShiftCmd) -> Members {
+        let (a, b) = if c.reversed {
+            (c.to, c.from)
+        } else {
+            (c.from, c.to)
+        };
+        Members::new()
+            .with::<PurseEntity>(format!("p{a}"))
+            .with::<PurseEntity>(format!("p{b}"))
+    }
+    fn handle(c: &ShiftCmd, tx: &mut TxContext<'_>) -> Result<(), Transient> {
+        // One transfer in ten fails its first attempt: retries run under the kills too.
+        if tx.attempt() == 1 && tx.message_id().len() % 10 == 4 {
+            return Err(Transient);
+        }
+        let id = tx.message_id().to_string();
+        let from = tx.state_mut::<PurseEntity>(&format!("p{}", c.from));
+        from.cents -= c.cents;
+        from.transfers.push(id.clone());
+        let to = tx.state_mut::<PurseEntity>(&format!("p{}", c.to));
+        to.cents += c.cents;
+        to.transfers.push(id);
+        Ok(())
+    }
+}
+
 /// A provider that honours idempotency keys: it performs a key once, appending it to its
 /// ledger file (one `write`, which a SIGKILL cannot take back), and absorbs repeats.
 pub struct Provider {
@@ -295,6 +364,8 @@ pub fn runtime(dir: &Path, mode: Mode) -> Result<Runtime, keystead::OpenError> {
         // and the others are left unindexed to a running worker when a kill comes.
         .effect_lanes_max(EFFECT_WORKERS)
         .register::<LedgerEntity>()
+        .register::<PurseEntity>()
+        .transaction::<Shift>()
         .executor::<Post>(Provider::open(&dir.join("provider.log")))
         .open()
 }
@@ -331,6 +402,48 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
     let refused = append("outbox-refused.log");
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..KEYS).map(|_| AtomicU64::new(run << 32)).collect());
+    // Transfers between purses, two senders, one naming the members in the opposite order.
+    let transfers_log = append("transfers.log");
+    let transfers: Vec<_> = (0..2u64)
+        .map(|s| {
+            let handle = rt.handle();
+            let log = transfers_log.clone();
+            tokio::spawn(async move {
+                let mut rng = run.wrapping_mul(7_000_003) ^ (s + 11);
+                let mut sent: Vec<(ShiftCmd, String)> = Vec::new();
+                for i in 0..per_sender {
+                    let roll = splitmix(&mut rng);
+                    let (cmd, id) = if roll.is_multiple_of(10) && !sent.is_empty() {
+                        sent[(roll as usize / 10) % sent.len()].clone() // a resend
+                    } else {
+                        let from = roll % PURSES;
+                        let to = (from + 1 + (roll >> 8) % (PURSES - 1)) % PURSES;
+                        let cmd = ShiftCmd {
+                            from,
+                            to,
+                            cents: ((roll >> 16) % 100) as i64 + 1,
+                            reversed: s == 1,
+                        };
+                        (cmd, format!("r{run}-x{s}-{i}"))
+                    };
+                    let done = handle
+                        .transaction::<Shift>(cmd.clone())
+                        .id(id.clone())
+                        .await;
+                    if let Ok(
+                        Outcome::Applied { .. }
+                        | Outcome::Duplicate {
+                            first: Recorded::Applied { .. },
+                        },
+                    ) = done
+                    {
+                        log_ack(&log, &format!("p{}-p{}", cmd.from, cmd.to), &id);
+                        sent.push((cmd, id));
+                    }
+                }
+            })
+        })
+        .collect();
     let tasks: Vec<_> = (0..SENDERS)
         .map(|s| {
             let refs: Vec<_> = (0..KEYS)
@@ -464,6 +577,9 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
     for t in tasks {
         let _ = t.await;
     }
+    for t in transfers {
+        let _ = t.await;
+    }
     if let Some(reader) = reader {
         reader.abort();
     }
@@ -526,6 +642,16 @@ pub struct Report {
     /// Fired runs missing at a target, or applied at a target and not counted fired, or
     /// applied at some targets and not others (a run is written to all in one batch).
     pub schedule_runs_wrong: u64,
+    /// Transfers acknowledged (applied or duplicate of an applied one), by id.
+    pub transfers_acknowledged: u64,
+    /// Acknowledged, and in neither purse after the restart (sync mode: must be 0).
+    pub transfers_lost: u64,
+    /// In one purse and not the other: a transaction half applied (must be 0).
+    pub transfers_partial: u64,
+    /// In a purse twice (must be 0).
+    pub transfers_doubled: u64,
+    /// The sum of all purses (must be 0: money is only moved).
+    pub money_off: i64,
     pub seconds: f64,
 }
 
@@ -544,10 +670,14 @@ impl Report {
             && (relaxed || self.shed_lost == 0)
             && self.shed_twice == 0
             && (relaxed || self.schedule_runs_wrong == 0)
+            && (relaxed || self.transfers_lost == 0)
+            && self.transfers_partial == 0
+            && self.transfers_doubled == 0
+            && self.money_off == 0
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 28] = [
+        let rows: [(&str, String); 33] = [
             ("mode", self.mode.clone()),
             ("kills (SIGKILL)", self.kills.to_string()),
             (
@@ -622,6 +752,23 @@ impl Report {
             (
                 "SCHEDULED RUNS LOST, EXTRA OR PARTIAL",
                 self.schedule_runs_wrong.to_string(),
+            ),
+            (
+                "transfers acknowledged (transactions)",
+                self.transfers_acknowledged.to_string(),
+            ),
+            ("TRANSFERS LOST", self.transfers_lost.to_string()),
+            (
+                "TRANSFERS HALF APPLIED (one purse only)",
+                self.transfers_partial.to_string(),
+            ),
+            (
+                "TRANSFERS APPLIED TWICE",
+                self.transfers_doubled.to_string(),
+            ),
+            (
+                "MONEY NOT CONSERVED (sum of purses)",
+                self.money_off.to_string(),
             ),
             ("seconds", format!("{:.1}", self.seconds)),
         ];
@@ -833,6 +980,7 @@ async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report
     report.double_applied += double_applied(&before);
     report.delayed_acknowledged = read_lines(&dir.join("delayed.log")).len() as u64;
     verify_schedule(&rt, &before, report).await;
+    verify_transfers(dir, mode, &rt, report).await;
     for line in read_lines(&dir.join("reads.log")) {
         let Some((key, revision)) = line.split_once(' ') else {
             continue;
@@ -936,6 +1084,50 @@ async fn quiesce(rt: &Runtime) {
         Err(e) => panic!("pausing the schedule: {e}"),
     }
     rt.wait_until(|s| s.timers_pending == 0).await;
+}
+
+/// Every transfer is in both its purses or neither, once; every acknowledged one is there;
+/// the purses sum to zero.
+async fn verify_transfers(dir: &Path, mode: Mode, rt: &Runtime, report: &mut Report) {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut sum = 0;
+    for p in 0..PURSES {
+        let purse = rt
+            .entity::<PurseEntity>(format!("p{p}"))
+            .snapshot()
+            .await
+            .expect("a purse decodes")
+            .state;
+        sum += purse.cents;
+        let mut here = HashSet::new();
+        for id in &purse.transfers {
+            if !here.insert(id.clone()) {
+                eprintln!("TRANSFER APPLIED TWICE: {id} in p{p}");
+                report.transfers_doubled += 1;
+            }
+            *seen.entry(id.clone()).or_default() += 1;
+        }
+    }
+    report.money_off = sum;
+    for (id, n) in &seen {
+        if *n != 2 {
+            eprintln!("TRANSFER HALF APPLIED: {id} in {n} purse(s)");
+            report.transfers_partial += 1;
+        }
+    }
+    let acked: HashSet<String> = read_lines(&dir.join("transfers.log"))
+        .iter()
+        .filter_map(|line| line.split(' ').nth(1).map(str::to_string))
+        .collect();
+    report.transfers_acknowledged = acked.len() as u64;
+    for id in &acked {
+        if !seen.contains_key(id) {
+            if !mode.is_relaxed() {
+                eprintln!("TRANSFER LOST: {id}");
+            }
+            report.transfers_lost += 1;
+        }
+    }
 }
 
 /// Every run the schedule counted fired is applied once at every target, and nothing else:
