@@ -59,7 +59,7 @@ use std::time::Duration;
 pub use ledger::{Ledger, LedgerExecutor, Performed};
 pub use plan::Faults;
 pub use run::{AskResult, Run};
-pub use script::{Message, Script};
+pub use script::{Message, Script, ScriptBatch};
 
 use crate::backend::Backend;
 use crate::clock::{Clock, ManualClock};

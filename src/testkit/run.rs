@@ -102,6 +102,30 @@ impl Run {
             .collect()
     }
 
+    /// What each delivery of the batch labelled `label` answered, one list per delivery,
+    /// each in the order the batch was built: an ask batch's outcomes in words (or its
+    /// error), a tell batch's message ids (empty if the batch was refused).
+    pub fn batch_results(&self, label: &str) -> Vec<&[Result<String, String>]> {
+        self.delivered
+            .iter()
+            .filter(|d| d.label == label)
+            .filter_map(|d| d.value.downcast_ref::<Vec<Result<String, String>>>())
+            .map(Vec::as_slice)
+            .collect()
+    }
+
+    /// What each delivery of the transaction labelled `label` returned.
+    pub fn transaction_outcomes<T: crate::Transaction>(
+        &self,
+        label: &str,
+    ) -> Vec<&Result<crate::TxOutcome<T>, SubmitError>> {
+        self.delivered
+            .iter()
+            .filter(|d| d.label == label)
+            .filter_map(|d| d.value.downcast_ref())
+            .collect()
+    }
+
     /// How many deliveries of the `tell` labelled `label` were accepted.
     pub fn accepted(&self, label: &str) -> usize {
         self.delivered

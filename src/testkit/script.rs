@@ -240,6 +240,217 @@ impl Script {
             .label(label)
     }
 
+    /// Includes entity `key` of type `E` in the final picture and in
+    /// [`Run::state`](super::Run::state) without sending it anything (a transaction's
+    /// members must be watched, or addressed by another message, so the testkit knows
+    /// their types).
+    pub fn watch<E: Entity>(&mut self, key: impl Into<String>)
+    where
+        E::State: fmt::Debug,
+    {
+        self.probe::<E>(key.into());
+    }
+
+    /// Adds a batch of `ask`s, built by `build` (see [`ScriptBatch`]); chaos delivers the
+    /// whole batch as one message (duplicated, reordered, racing other messages). Each
+    /// delivery's answers, in the order the batch was built, are in
+    /// [`Run::batch_results`](super::Run::batch_results).
+    pub fn ask_batch(
+        &mut self,
+        label: impl Into<String>,
+        build: impl FnOnce(&mut ScriptBatch<'_>),
+    ) -> Message<'_> {
+        self.batch(label.into(), build, Kind::Ask)
+    }
+
+    /// Adds a batch of `tell`s, built by `build` (see [`ScriptBatch`]), written in one
+    /// atomic write at each delivery. Each delivery's message ids, in the order the batch
+    /// was built, are in [`Run::batch_results`](super::Run::batch_results).
+    pub fn tell_batch(
+        &mut self,
+        label: impl Into<String>,
+        build: impl FnOnce(&mut ScriptBatch<'_>),
+    ) -> Message<'_> {
+        self.batch(label.into(), build, Kind::Tell)
+    }
+
+    fn batch(
+        &mut self,
+        label: String,
+        build: impl FnOnce(&mut ScriptBatch<'_>),
+        kind: Kind,
+    ) -> Message<'_> {
+        let mut batch = ScriptBatch {
+            script: self,
+            entries: Vec::new(),
+        };
+        build(&mut batch);
+        let entries = Arc::new(std::mem::take(&mut batch.entries));
+        assert!(
+            !entries.is_empty(),
+            "keystead chaos: batch {label} is empty; add asks or tells to it"
+        );
+        let first = entries[0].key.clone();
+        let send: SendFn = Arc::new(move |rt, _key, _options| {
+            let entries = entries.clone();
+            match kind {
+                Kind::Tell => {
+                    let mut batch = rt.tell_batch();
+                    for e in entries.iter() {
+                        (e.push_tell)(rt, &mut batch);
+                    }
+                    Box::pin(async move {
+                        let result = batch.send().await;
+                        let (summary, problem, value) = match result {
+                            Ok(accepted) => {
+                                let ids: Vec<Result<String, String>> =
+                                    accepted.into_iter().map(|a| Ok(a.message_id)).collect();
+                                (format!("accepted {}", ids.len()), None, ids)
+                            }
+                            Err(e) => (format!("error: {e}"), Some(e.to_string()), Vec::new()),
+                        };
+                        Observed {
+                            summary,
+                            value: Box::new(value),
+                            problem,
+                        }
+                    })
+                }
+                _ => {
+                    let mut batch = rt.ask_batch();
+                    let takers: Vec<_> = entries
+                        .iter()
+                        .map(|e| (e.push_ask)(rt, &mut batch))
+                        .collect();
+                    Box::pin(async move {
+                        let mut answers = batch.send().await;
+                        let mut results = Vec::with_capacity(takers.len());
+                        let mut problem = None;
+                        for take in takers {
+                            let result = take(&mut answers);
+                            if let Err(e) = &result {
+                                if !e.starts_with("Conflict") {
+                                    problem.get_or_insert_with(|| e.clone());
+                                }
+                            }
+                            results.push(result);
+                        }
+                        Observed {
+                            summary: format!("{results:?}"),
+                            value: Box::new(results),
+                            problem,
+                        }
+                    })
+                }
+            }
+        });
+        let entity =
+            self.probes[self.probes.iter().position(|p| p.key == first).unwrap_or(0)].entity;
+        let index = self
+            .probes
+            .iter()
+            .position(|p| p.key == first && p.entity == entity)
+            .unwrap_or(0);
+        self.messages.push(Planned {
+            label: Some(label),
+            kind: if kind == Kind::Tell {
+                Kind::Operation
+            } else {
+                Kind::Ask
+            },
+            key: index,
+            options: Options::default(),
+            once: false,
+            phase: self.clock_moves.len(),
+            send,
+        });
+        let planned = self.messages.last_mut().expect("pushed just above");
+        Message { planned }
+    }
+
+    /// Adds transaction `T` with `command` (see [`Transaction`](crate::Transaction)). Its
+    /// members' entity types must be known to the script: [`watch`](Script::watch) them
+    /// (or address them by another message) first. Its outcomes are in
+    /// [`Run::transaction_outcomes`](super::Run::transaction_outcomes).
+    ///
+    /// # Panics
+    /// If a member's type is not known to the script (a mistake in the test).
+    pub fn transaction<T: crate::Transaction>(&mut self, command: T::Command) -> Message<'_>
+    where
+        T::Command: Clone,
+    {
+        let members = T::members(&command);
+        let mut first = None;
+        for m in members.list() {
+            let known = self
+                .probes
+                .iter()
+                .position(|p| p.entity == m.entity() && p.key == m.key())
+                .or_else(|| {
+                    // Another key of a known type: copy its probe functions.
+                    let like = self.probes.iter().position(|p| p.entity == m.entity())?;
+                    let p = &self.probes[like];
+                    let probe = Probe {
+                        entity: p.entity,
+                        key: m.key().to_string(),
+                        snapshot: p.snapshot,
+                        passivate: p.passivate,
+                        dead_letters: p.dead_letters,
+                        effects: p.effects,
+                    };
+                    self.probes.push(probe);
+                    Some(self.probes.len() - 1)
+                });
+            match known {
+                Some(index) => {
+                    first.get_or_insert(index);
+                }
+                None => panic!(
+                    "keystead chaos: transaction {} has member {} {:?} of a type the script does not know; call Script::watch::<{}>(..) first",
+                    T::NAME,
+                    m.entity(),
+                    m.key(),
+                    m.entity()
+                ),
+            }
+        }
+        let command = Mutex::new(command);
+        let send: SendFn = Arc::new(move |rt, _key, options| {
+            let mut tx = rt.transaction::<T>(command.lock().clone());
+            if let Some(id) = &options.id {
+                tx = tx.id(id.clone());
+            }
+            if let Some(version) = options.version {
+                tx = tx.version(version);
+            }
+            let future = tx.into_future();
+            Box::pin(async move {
+                let result = future.await;
+                let (summary, problem) = match &result {
+                    Ok(outcome) => (format!("{outcome:?}"), None),
+                    Err(SubmitError::Conflict { .. }) => (format!("{result:?}"), None),
+                    Err(e) => (format!("error: {e}"), Some(e.to_string())),
+                };
+                Observed {
+                    summary,
+                    value: Box::new(result),
+                    problem,
+                }
+            })
+        });
+        self.messages.push(Planned {
+            label: None,
+            kind: Kind::Ask,
+            key: first.unwrap_or(0),
+            options: Options::default(),
+            once: false,
+            phase: self.clock_moves.len(),
+            send,
+        });
+        let planned = self.messages.last_mut().expect("pushed just above");
+        Message { planned }
+    }
+
     /// Moves the runtime's [`ManualClock`](crate::ManualClock) forward by `by` once every
     /// message scripted before this call has been delivered and the runtime is idle, then
     /// waits until it is idle again (so the delayed messages and schedule runs that fell
@@ -309,6 +520,86 @@ impl Script {
     pub(crate) fn send(&self, index: usize, rt: &Runtime) -> BoxFuture<Observed> {
         let m = &self.messages[index];
         (m.send)(rt, &self.probes[m.key].key, &m.options)
+    }
+}
+
+type PushAsk = Arc<
+    dyn Fn(
+            &Runtime,
+            &mut crate::AskBatch,
+        ) -> Box<dyn FnOnce(&mut crate::Answers) -> Result<String, String> + Send>
+        + Send
+        + Sync,
+>;
+type PushTell = Arc<dyn Fn(&Runtime, &mut crate::TellBatch) + Send + Sync>;
+
+/// One entry of a scripted batch.
+struct BatchEntry {
+    key: String,
+    push_ask: PushAsk,
+    push_tell: PushTell,
+}
+
+/// The messages of one scripted batch, in the caller's order. Built in the closure given
+/// to [`Script::ask_batch`] or [`Script::tell_batch`].
+pub struct ScriptBatch<'a> {
+    script: &'a mut Script,
+    entries: Vec<BatchEntry>,
+}
+
+impl fmt::Debug for ScriptBatch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScriptBatch")
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+impl ScriptBatch<'_> {
+    /// Adds `command` to entity `key` of type `E`, with message id `id` (a batch's
+    /// messages always carry ids: chaos delivers the batch more than once). Its answer is
+    /// its outcome in words.
+    pub fn add<E: Entity>(
+        &mut self,
+        key: impl Into<String>,
+        command: E::Command,
+        id: impl Into<String>,
+    ) -> &mut Self
+    where
+        E::Command: Clone + Sync,
+        E::State: fmt::Debug,
+    {
+        let (key, id) = (key.into(), id.into());
+        self.script.probe::<E>(key.clone());
+        let (k, i, c) = (key.clone(), id.clone(), command.clone());
+        let push_ask: PushAsk = Arc::new(move |rt, batch| {
+            let answer = batch.push(rt.entity::<E>(k.clone()).ask(c.clone()).id(i.clone()));
+            Box::new(
+                move |answers: &mut crate::Answers| match answers.take(answer) {
+                    Ok(outcome) => Ok(format!("{outcome:?}")),
+                    Err(SubmitError::Conflict {
+                        expected, actual, ..
+                    }) => Err(format!(
+                        "Conflict {{ expected: {expected}, actual: {actual} }}"
+                    )),
+                    Err(e) => Err(format!("error: {e}")),
+                },
+            )
+        });
+        let (k, i) = (key.clone(), id);
+        let push_tell: PushTell = Arc::new(move |rt, batch| {
+            batch.push(
+                rt.entity::<E>(k.clone())
+                    .tell(command.clone())
+                    .id(i.clone()),
+            );
+        });
+        self.entries.push(BatchEntry {
+            key,
+            push_ask,
+            push_tell,
+        });
+        self
     }
 }
 
