@@ -173,16 +173,25 @@ impl<'a> Context<'a> {
     ///
     /// See [`Effect`](crate::Effect) for an example.
     pub fn effect<T: crate::Effect>(&mut self, effect: T) {
-        let index = u32::try_from(self.effects.len()).unwrap_or(u32::MAX);
-        self.effects.push(crate::core::effect::Recorded {
-            name: T::NAME,
-            origin: <T::Origin as Entity>::NAME,
-            independent: T::INDEPENDENT,
-            coalesce: T::COALESCE,
-            index,
-            payload: crate::core::codec::encode(&effect),
-        });
+        record_effect(&mut self.effects, &effect);
     }
+}
+
+/// Appends `effect` to `effects` as the next one recorded (a message's, or a transaction
+/// member's).
+pub(crate) fn record_effect<T: crate::Effect>(
+    effects: &mut Vec<crate::core::effect::Recorded>,
+    effect: &T,
+) {
+    let index = u32::try_from(effects.len()).unwrap_or(u32::MAX);
+    effects.push(crate::core::effect::Recorded {
+        name: T::NAME,
+        origin: <T::Origin as Entity>::NAME,
+        independent: T::INDEPENDENT,
+        coalesce: T::COALESCE,
+        index,
+        payload: crate::core::codec::encode(effect),
+    });
 }
 
 /// A side effect a handler can record: an email to send, a card to charge, a call to make.

@@ -370,6 +370,35 @@ pub enum SubmitError {
 }
 
 impl SubmitError {
+    /// The same error, with `command` as the work an [`SubmitError::Overloaded`] gives back
+    /// (other errors are returned as they are).
+    pub(crate) fn giving_back(self, command: Returned) -> Self {
+        match self {
+            SubmitError::Overloaded {
+                entity,
+                key,
+                backlog,
+                lane,
+                pending,
+                pending_max,
+                pending_bytes,
+                pending_bytes_max,
+                command: _,
+            } => SubmitError::Overloaded {
+                entity,
+                key,
+                backlog,
+                lane,
+                pending,
+                pending_max,
+                pending_bytes,
+                pending_bytes_max,
+                command,
+            },
+            other => other,
+        }
+    }
+
     /// True when sending the same message again (same id) may succeed without changes.
     ///
     /// ```

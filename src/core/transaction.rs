@@ -262,15 +262,7 @@ impl TxContext<'_> {
     /// As [`TxContext::state`].
     pub fn effect<T: crate::Effect>(&mut self, key: &str, effect: T) {
         let slot = self.slot_mut(<T::Origin as Entity>::NAME, key);
-        let index = u32::try_from(slot.effects.len()).unwrap_or(u32::MAX);
-        slot.effects.push(effect::Recorded {
-            name: T::NAME,
-            origin: <T::Origin as Entity>::NAME,
-            independent: T::INDEPENDENT,
-            coalesce: T::COALESCE,
-            index,
-            payload: crate::core::codec::encode(&effect),
-        });
+        crate::entity::record_effect(&mut slot.effects, &effect);
     }
 
     /// The transaction's message id.

@@ -210,6 +210,22 @@ impl Effects {
         &self.store
     }
 
+    /// Why recorded effect `e` cannot be committed (no executor for it, a payload that
+    /// did not encode), if it cannot: the message or transaction that recorded it is then
+    /// dead-lettered.
+    pub(crate) fn refuses(&self, e: &crate::core::effect::Recorded) -> Option<String> {
+        if !self.accepts(e.name, e.origin) {
+            return Some(format!(
+                "no executor for effect {}; register one with RuntimeBuilder::executor",
+                e.name
+            ));
+        }
+        e.payload
+            .as_ref()
+            .err()
+            .map(|reason| format!("effect {} does not encode: {reason}", e.name))
+    }
+
     /// True when an executor is registered for effect `name` recorded by entity `origin`.
     pub(crate) fn accepts(&self, name: &str, origin: &str) -> bool {
         self.executors.get(name).is_some_and(|r| r.origin == origin)

@@ -977,16 +977,8 @@ impl<E: Entity> EntityActor<E> {
                     e.origin,
                     E::NAME
                 ))
-            } else if !self.effects.accepts(e.name, e.origin) {
-                Some(format!(
-                    "no executor for effect {}; register one with RuntimeBuilder::executor",
-                    e.name
-                ))
             } else {
-                e.payload
-                    .as_ref()
-                    .err()
-                    .map(|reason| format!("effect {} does not encode: {reason}", e.name))
+                self.effects.refuses(e)
             }
         });
         match problem {

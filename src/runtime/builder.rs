@@ -199,18 +199,8 @@ impl RuntimeBuilder {
     /// runtime can process its recovered inbox entries after a restart.
     pub fn register<E: Entity>(mut self) -> Self {
         let name = E::NAME;
-        let problem = if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX {
-            Some(format!("names must be 1 to {ENTITY_NAME_LEN_MAX} bytes"))
-        } else {
-            match self.registry.get(name) {
-                Some(r) if r.type_id != TypeId::of::<E>() => Some(
-                    "another entity type is registered under this name; names must be unique"
-                        .into(),
-                ),
-                _ => None,
-            }
-        };
-        if let Some(reason) = problem {
+        let taken = self.registry.get(name).map(|r| r.type_id);
+        if let Some(reason) = name_problem(name, taken, TypeId::of::<E>(), "entity type") {
             self.registry_error.get_or_insert(OpenError::EntityName {
                 name: name.to_string(),
                 reason,
@@ -234,18 +224,8 @@ impl RuntimeBuilder {
     /// too. Its name must differ from every entity type's and other transaction's.
     pub fn transaction<T: crate::Transaction>(mut self) -> Self {
         let name = T::NAME;
-        let problem = if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX {
-            Some(format!("names must be 1 to {ENTITY_NAME_LEN_MAX} bytes"))
-        } else {
-            match self.transactions.get(name) {
-                Some(t) if *t != TypeId::of::<T>() => Some(
-                    "another transaction is registered under this name; names must be unique"
-                        .into(),
-                ),
-                _ => None,
-            }
-        };
-        if let Some(reason) = problem {
+        let taken = self.transactions.get(name).copied();
+        if let Some(reason) = name_problem(name, taken, TypeId::of::<T>(), "transaction") {
             self.registry_error.get_or_insert(OpenError::EntityName {
                 name: name.to_string(),
                 reason,
@@ -890,4 +870,18 @@ pub(crate) fn start_system(
         .recv()
         .map_err(|_| OpenError::Threads("the actor system thread did not start".into()))?;
     Ok((system, handle, arbiters, addrs))
+}
+
+/// Why `name` cannot be registered for a `what` of type `want`, if it cannot: its length,
+/// or another type of the same kind registered under it (`taken`).
+fn name_problem(name: &str, taken: Option<TypeId>, want: TypeId, what: &str) -> Option<String> {
+    if name.is_empty() || name.len() > ENTITY_NAME_LEN_MAX {
+        return Some(format!("names must be 1 to {ENTITY_NAME_LEN_MAX} bytes"));
+    }
+    match taken {
+        Some(t) if t != want => Some(format!(
+            "another {what} is registered under this name; names must be unique"
+        )),
+        _ => None,
+    }
 }

@@ -246,31 +246,8 @@ async fn run<T: Transaction>(tx: Transact<T>) -> Result<TxOutcome<T>, SubmitErro
     .await;
     shared.stats.work_down(&shared.stats.in_flight);
     shared.stats.notify();
-    match result {
-        // The refusal gives the command back.
-        Err(SubmitError::Overloaded {
-            entity,
-            key,
-            backlog,
-            lane,
-            pending,
-            pending_max,
-            pending_bytes,
-            pending_bytes_max,
-            command: _,
-        }) => Err(SubmitError::Overloaded {
-            entity,
-            key,
-            backlog,
-            lane,
-            pending,
-            pending_max,
-            pending_bytes,
-            pending_bytes_max,
-            command: Returned::new(tx.command),
-        }),
-        result => result,
-    }
+    // A refusal under load gives the command back.
+    result.map_err(|e| e.giving_back(Returned::new(tx.command)))
 }
 
 /// Takes every member's admission slot (shard order), then holds every member (global
@@ -488,19 +465,10 @@ fn check_effects<T: Transaction>(
     if !matches!(verdict, TxVerdict::Applied { .. }) {
         return verdict;
     }
-    let problem = slots.iter().flat_map(|s| s.effects.iter()).find_map(|e| {
-        if !inner.effects.accepts(e.name, e.origin) {
-            Some(format!(
-                "no executor for effect {}; register one with RuntimeBuilder::executor",
-                e.name
-            ))
-        } else {
-            e.payload
-                .as_ref()
-                .err()
-                .map(|reason| format!("effect {} does not encode: {reason}", e.name))
-        }
-    });
+    let problem = slots
+        .iter()
+        .flat_map(|s| s.effects.iter())
+        .find_map(|e| inner.effects.refuses(e));
     match problem {
         None => verdict,
         Some(error) => TxVerdict::DeadLetter {
