@@ -276,6 +276,10 @@ pub(crate) fn writes<E: Entity>(
                 state: &next.state,
             };
             ops.push(Op::Put(keys::state(E::NAME, key), codec::encode(&record)?));
+            if next.revision == 1 {
+                // A new entity: it enters the listing index, once.
+                ops.push(Op::Put(keys::entity_index(E::NAME, key), Vec::new()));
+            }
             ops.push(dedup(Recorded::Applied {
                 reply: reply.clone(),
                 revision: next.revision,

@@ -85,6 +85,31 @@ pub(crate) fn decode<T: DeserializeOwned>(
     Ok(value)
 }
 
+/// Decodes the leading `T` of bytes written by [`encode`] for a larger value whose first
+/// fields are `T`'s (a state record's header without its state); the rest is not read.
+///
+/// # Errors
+/// As [`decode`], except that bytes left over are expected.
+pub(crate) fn decode_head<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty { what })?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::UnknownFormat {
+            what,
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let (value, _): (T, usize) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| DecodeError::Malformed {
+            what,
+            reason: e.to_string(),
+        })?;
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

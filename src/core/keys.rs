@@ -43,6 +43,8 @@ pub(crate) enum Space {
     Timer = b'T',
     TimerId = b'K',
     Schedule = b'C',
+    /// The keys of each entity type in plain byte order (no length prefix), for listing.
+    EntityIndex = b'E',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).
@@ -206,6 +208,32 @@ pub(crate) fn dead_letter(entity: &str, key: &str, message_id: &str) -> Vec<u8> 
 }
 
 /// The key of a meta record.
+/// The listing index entry of entity (`entity`, `key`): `E ++ len(entity) ++ entity ++ key`,
+/// so one type's keys sort in plain byte order and a key prefix is a key-space prefix.
+pub(crate) fn entity_index(entity: &str, key: &str) -> Vec<u8> {
+    let mut out = entity_index_prefix(entity, key);
+    out.shrink_to_fit();
+    out
+}
+
+/// The listing index prefix of entity type `entity` and keys starting with `key_prefix`.
+pub(crate) fn entity_index_prefix(entity: &str, key_prefix: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + entity.len() + key_prefix.len());
+    out.push(Space::EntityIndex as u8);
+    out.push(u8::try_from(entity.len()).unwrap_or(u8::MAX));
+    out.extend_from_slice(entity.as_bytes());
+    out.extend_from_slice(key_prefix.as_bytes());
+    out
+}
+
+/// The key of a listing index entry of entity type `entity`, if `bytes` is one.
+pub(crate) fn entity_index_key<'a>(entity: &str, bytes: &'a [u8]) -> Option<&'a str> {
+    let head = entity_index_prefix(entity, "");
+    bytes
+        .strip_prefix(head.as_slice())
+        .and_then(|key| std::str::from_utf8(key).ok())
+}
+
 pub(crate) fn meta(name: &str) -> Vec<u8> {
     let mut out = vec![Space::Meta as u8];
     out.extend_from_slice(name.as_bytes());

@@ -10,6 +10,7 @@ use crate::outcome::Recorded;
 /// An entity's state with its revision and version (keyspace `S`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct StateRecord<S> {
+    // The first three fields are also `StateHeader`: keep them first, in this order.
     /// How many changes have been applied (0 for a new entity).
     pub revision: u64,
     /// The highest source version applied, if any message carried one.
@@ -18,6 +19,14 @@ pub(crate) struct StateRecord<S> {
     pub updated_at_ms: u64,
     /// The user's state.
     pub state: S,
+}
+
+/// The leading fields of a [`StateRecord`], read without decoding the state (listings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub(crate) struct StateHeader {
+    pub revision: u64,
+    pub version: Option<u64>,
+    pub updated_at_ms: u64,
 }
 
 /// What the first processing of a message id produced (keyspace `D`).

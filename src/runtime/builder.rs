@@ -533,6 +533,7 @@ impl RuntimeBuilder {
             source,
         };
         let indexed = ensure_lane_index(&store, self.shards).map_err(store_error)?;
+        ensure_entity_index(&store).map_err(store_error)?;
         // Delayed messages hold room in their lanes from acceptance.
         let timers = scan_timers(&store, &backlog).map_err(store_error)?;
         let scheduler = Arc::new(Scheduler::load(&store).map_err(store_error)?);
@@ -689,6 +690,38 @@ pub(crate) fn ensure_lane_index(store: &Store, shards: usize) -> Result<u64, Sto
             seq,
         ))
     })
+}
+
+/// The meta record that says the listing index covers every stored entity.
+pub(crate) const ENTITY_INDEX_MARKER: &str = "entity_index";
+
+/// Builds the listing index (`E`) of a database from before it, once: every state record
+/// gets its entry, then the marker is written. A crash before the marker builds it again
+/// at the next open (the entries are idempotent). Afterwards each new entity's entry is
+/// written in the batch that creates it (`core/apply.rs` `writes`), so it never drifts.
+pub(crate) fn ensure_entity_index(store: &Store) -> Result<u64, StoreError> {
+    let marker = keys::meta(ENTITY_INDEX_MARKER);
+    if store.get(&marker)?.is_some() {
+        return Ok(0);
+    }
+    let mut ops = Chunks::new(store);
+    let mut written = 0;
+    for entry in store.scan_prefix(&[Space::State as u8])? {
+        let (key, _) = entry?;
+        if let Some(parsed) = keys::parse(Space::State, &key) {
+            ops.push(Op::Put(
+                keys::entity_index(parsed.entity, parsed.key),
+                Vec::new(),
+            ))?;
+            written += 1;
+        }
+    }
+    ops.push(Op::Put(marker, b"1".to_vec()))?;
+    ops.finish()?;
+    if written > 0 {
+        tracing::info!(target: "keystead", entities = written, "built the listing index");
+    }
+    Ok(written)
 }
 
 /// An index keyspace whose entries each hold the key of one entry of its source keyspace.

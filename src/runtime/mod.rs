@@ -12,6 +12,7 @@
 //! - [`delayed`]: delayed messages waiting for their due time (accept, cancel, fire);
 //! - [`address`]: typed entity addresses;
 //! - `batch`: many tells in one atomic write, many asks in one global order;
+//! - `listing`: listing an entity type's keys and reading many states at once;
 //! - `transaction`: atomic multi-entity commands (hold, evaluate, commit, release);
 //! - `feeder`: per shard and lane, moves work from the durable inbox into admission;
 //! - `purge`: background removal of expired dedup records;
@@ -28,6 +29,7 @@ pub(crate) mod delayed;
 mod feeder;
 mod handle;
 pub(crate) mod inner;
+mod listing;
 pub(crate) mod mail;
 mod purge;
 pub(crate) mod shared;
@@ -40,4 +42,5 @@ pub use batch::{
 };
 pub use builder::RuntimeBuilder;
 pub use handle::Runtime;
+pub use listing::{Listed, Listing, Page, LIST_PAGE_MAX};
 pub use transaction::{Transact, TxOutcome};

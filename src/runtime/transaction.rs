@@ -556,6 +556,12 @@ async fn commit_applied<T: Transaction>(
                 }
             };
         ops.push(Op::Put(keys::state(slot.entity, &slot.key), state));
+        if revision == 1 {
+            ops.push(Op::Put(
+                keys::entity_index(slot.entity, &slot.key),
+                Vec::new(),
+            ));
+        }
         if !slot.effects.is_empty() {
             match effect::outbox_ops(
                 slot.entity,
