@@ -127,9 +127,9 @@ pub use priority::{BacklogKind, LaneLimits, Priority, WhenFull};
 pub use retry::RetryPolicy;
 pub use runtime::address::{Accepted, Ask, Cancelled, EntityRef, Snapshot, Tell};
 pub use runtime::{
-    Answer, Answers, AskBatch, BatchError, Listed, Listing, Page, Runtime, RuntimeBuilder,
-    RuntimeHandle, TellBatch, Transact, TxOutcome, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
-    LIST_PAGE_MAX,
+    Answer, Answers, AskBatch, BatchError, Change, Consumer, Feed, Listed, Listing, Page, Runtime,
+    RuntimeBuilder, RuntimeHandle, Start, TellBatch, Transact, TxOutcome, BATCH_BYTES_MAX,
+    BATCH_MESSAGES_MAX, FEED_CONSUMER_NAME_MAX, LIST_PAGE_MAX,
 };
 pub use telemetry::{EffectTypeStats, LaneStats, RuntimeStats};
 pub use time::{Schedule, ScheduleError, ScheduleStatus, Schedules};

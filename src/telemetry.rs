@@ -133,6 +133,11 @@ pub struct RuntimeStats {
     pub schedule_runs_missed: u64,
     /// Scheduled runs put in a buffer to wait for the previous one.
     pub schedule_runs_buffered: u64,
+    /// Times the change feed found more than `feed_retention` records behind its slowest
+    /// consumer (it keeps them, and warns: acknowledge, or remove the consumer).
+    pub feed_held_back: u64,
+    /// The last change feed position given (0: none yet).
+    pub feed_last: u64,
     /// Per effect type with limits ([`EffectLimits`](crate::EffectLimits) beyond a
     /// timeout), in name order: its breaker and parked work. Read one with
     /// [`RuntimeStats::effect_type`].
@@ -314,6 +319,7 @@ pub(crate) struct Stats {
     pub schedule_runs_skipped: AtomicU64,
     pub schedule_runs_missed: AtomicU64,
     pub schedule_runs_buffered: AtomicU64,
+    pub feed_held_back: AtomicU64,
     /// Passes of the timer firer and runs of the scheduler being written now (work `idle`
     /// waits for).
     pub time_firing: AtomicU64,
@@ -398,6 +404,8 @@ impl Stats {
             schedule_runs_skipped: get(&self.schedule_runs_skipped),
             schedule_runs_missed: get(&self.schedule_runs_missed),
             schedule_runs_buffered: get(&self.schedule_runs_buffered),
+            feed_held_back: get(&self.feed_held_back),
+            feed_last: 0,
             effect_types: Vec::new(),
         }
     }

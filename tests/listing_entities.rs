@@ -109,7 +109,7 @@ on_each_backend! {
         batch.send().await.unwrap();
         rt.idle().await;
         let existing: BTreeSet<String> = (0..600).map(|i| format!("k-{:04}", i * 2)).collect();
-        for round in 0..10 {
+        for round in 0..4 {
             let writer = {
                 let rt = rt.clone();
                 tokio::spawn(async move {

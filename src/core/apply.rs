@@ -215,6 +215,8 @@ pub(crate) struct Stamp {
     /// Write an outbox lane index entry for each effect: false only when an effect worker
     /// of the entity is already pinned to read them (see `Effects::claim`).
     pub index_effects: bool,
+    /// Append the change to the change feed (the entity type publishes its changes).
+    pub feed: bool,
 }
 
 /// The writes that make `verdict` durable, and the outcome to report once they are.
@@ -236,6 +238,7 @@ pub(crate) fn writes<E: Entity>(
         outbox_seq,
         lane,
         index_effects,
+        feed,
     } = stamp;
     let dedup_key = || keys::dedup(E::NAME, key, &meta.message_id);
     let dedup = |outcome: RecordedOf<E>| -> Result<Op, String> {
@@ -275,7 +278,18 @@ pub(crate) fn writes<E: Entity>(
                 updated_at_ms: now_ms,
                 state: &next.state,
             };
-            ops.push(Op::Put(keys::state(E::NAME, key), codec::encode(&record)?));
+            let state = codec::encode(&record)?;
+            if feed {
+                let change = crate::core::records::ChangeRecord {
+                    entity: E::NAME.to_string(),
+                    key: key.to_string(),
+                    message_id: meta.message_id.clone(),
+                    correlation_id: meta.correlation_id.clone(),
+                    state: state.clone(),
+                };
+                ops.push(Op::Append(codec::encode(&change)?));
+            }
+            ops.push(Op::Put(keys::state(E::NAME, key), state));
             if next.revision == 1 {
                 // A new entity: it enters the listing index, once.
                 ops.push(Op::Put(keys::entity_index(E::NAME, key), Vec::new()));
@@ -394,6 +408,7 @@ mod tests {
         outbox_seq: 0,
         lane: Priority::Normal,
         index_effects: true,
+        feed: false,
     };
 
     fn meta(version: Option<u64>) -> Meta {
@@ -548,9 +563,15 @@ mod tests {
                 revision: 1
             }
         );
-        assert_eq!(ops.len(), 3, "state + dedup + inbox removal: {ops:?}");
+        // A new entity (revision 0 -> 1) also enters the listing index.
+        assert_eq!(
+            ops.len(),
+            4,
+            "state + listing index + dedup + inbox removal: {ops:?}"
+        );
         assert!(matches!(&ops[0], Op::Put(k, _) if *k == keys::state("sub", "k")));
-        assert!(matches!(&ops[2], Op::Delete(k) if *k == keys::inbox("sub", "k", 7)));
+        assert!(matches!(&ops[1], Op::Put(k, _) if *k == keys::entity_index("sub", "k")));
+        assert!(matches!(&ops[3], Op::Delete(k) if *k == keys::inbox("sub", "k", 7)));
 
         let dup = Verdict::<E>::Duplicate(Recorded::Stale { current: 3 });
         let (ops, _) = writes::<E>("k", &m, &source, &cmd, &dup, STAMP)

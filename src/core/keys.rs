@@ -45,6 +45,10 @@ pub(crate) enum Space {
     Schedule = b'C',
     /// The keys of each entity type in plain byte order (no length prefix), for listing.
     EntityIndex = b'E',
+    /// The change feed: `F ++ feed sequence u64 BE`, in commit order.
+    Feed = b'F',
+    /// Change feed consumers: `G ++ name`, holding the position acknowledged.
+    FeedConsumer = b'G',
 }
 
 /// The longest entity type name accepted (it is stored with a one-byte length).
@@ -232,6 +236,28 @@ pub(crate) fn entity_index_key<'a>(entity: &str, bytes: &'a [u8]) -> Option<&'a 
     bytes
         .strip_prefix(head.as_slice())
         .and_then(|key| std::str::from_utf8(key).ok())
+}
+
+/// The change feed record with sequence `seq`.
+pub(crate) fn feed(seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9);
+    out.push(Space::Feed as u8);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// The sequence of a change feed key.
+pub(crate) fn feed_seq(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(&[Space::Feed as u8])?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// The record of change feed consumer `name`.
+pub(crate) fn feed_consumer(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + name.len());
+    out.push(Space::FeedConsumer as u8);
+    out.extend_from_slice(name.as_bytes());
+    out
 }
 
 pub(crate) fn meta(name: &str) -> Vec<u8> {

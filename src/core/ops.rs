@@ -8,4 +8,7 @@ pub(crate) enum Op {
     Put(Vec<u8>, Vec<u8>),
     /// Remove (a missing key is fine).
     Delete(Vec<u8>),
+    /// Append a record to the change feed: the committer gives it the next feed sequence,
+    /// in commit order, and writes it as a `Put` (the engines never see an `Append`).
+    Append(Vec<u8>),
 }

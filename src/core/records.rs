@@ -21,6 +21,18 @@ pub(crate) struct StateRecord<S> {
     pub state: S,
 }
 
+/// One applied change in the change feed (`F`): what changed and the entity's new state
+/// record (revision, version, update time and state, encoded as in `S`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ChangeRecord {
+    pub entity: String,
+    pub key: String,
+    pub message_id: String,
+    pub correlation_id: String,
+    /// The encoded [`StateRecord`] as committed with this change.
+    pub state: Vec<u8>,
+}
+
 /// The leading fields of a [`StateRecord`], read without decoding the state (listings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub(crate) struct StateHeader {

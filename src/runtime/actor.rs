@@ -713,6 +713,7 @@ impl<E: Entity> EntityActor<E> {
                         outbox_seq,
                         lane: work.priority,
                         index_effects: pin.is_none(),
+                        feed: self.shared.config.feeds.contains(E::NAME),
                     },
                 );
                 let (mut ops, outcome) = match planned {

@@ -561,6 +561,8 @@ mod tests {
                 entity_in_flight_max: entity_max,
                 lane_promote_after: promote_after,
                 log_payloads: false,
+                feeds: Default::default(),
+                feed_retention: 0,
             },
             clock: Arc::new(SystemClock),
             stats: Stats::default(),

@@ -122,6 +122,8 @@ impl RuntimeBuilder {
                 entity_in_flight_max: 0,
                 lane_promote_after: 16,
                 log_payloads: false,
+                feeds: Default::default(),
+                feed_retention: 1_000_000,
             },
             clock: Arc::new(SystemClock),
             cache_bytes: 64 << 20,
@@ -216,6 +218,23 @@ impl RuntimeBuilder {
                 encode_state: encode_state::<E>,
             },
         );
+        self
+    }
+
+    /// Publishes every applied change of entity type `E` (registered too) to the change
+    /// feed, in the same atomic batch as the change; read it with
+    /// [`Runtime::feed`](crate::Runtime::feed). Off by default: a type that does not
+    /// publish pays nothing.
+    pub fn feed<E: Entity>(mut self) -> Self {
+        self.config.feeds.insert(E::NAME);
+        self
+    }
+
+    /// Change feed records to keep beyond the slowest consumer's position before the feed
+    /// warns that a stalled consumer holds it back (counter `feed_held_back`); with no
+    /// consumer, the most kept (older ones are purged). Default: 1,000,000.
+    pub fn feed_retention(mut self, records: u64) -> Self {
+        self.config.feed_retention = records.max(1);
         self
     }
 
@@ -491,6 +510,18 @@ impl RuntimeBuilder {
     /// [`OpenError`] for an invalid setting, a duplicate entity name, a database held by
     /// another process, an unusable directory, or data in a foreign layout.
     pub fn open(mut self) -> Result<Runtime, OpenError> {
+        if let Some(name) = self
+            .config
+            .feeds
+            .iter()
+            .find(|n| !self.registry.contains_key(*n))
+        {
+            self.registry_error.get_or_insert(OpenError::EntityName {
+                name: name.to_string(),
+                reason: "it publishes to the change feed but is not registered; call register::<..>() too"
+                    .into(),
+            });
+        }
         if let Some(name) = self
             .transactions
             .keys()

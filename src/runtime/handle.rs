@@ -130,6 +130,7 @@ impl Runtime {
         stats.commits = store.commits.load(Ordering::Relaxed);
         stats.commit_batches = store.batches.load(Ordering::Relaxed);
         stats.flushes = store.flushes.load(Ordering::Relaxed);
+        stats.feed_last = self.inner.store.feed.last.load(Ordering::SeqCst);
         for lane in Priority::ALL {
             let (pending, bytes) = self.inner.shared.backlog.pending(lane);
             stats.lanes[lane.index()].pending = pending;

@@ -26,6 +26,7 @@ pub(crate) mod backlog;
 pub(crate) mod batch;
 mod builder;
 pub(crate) mod delayed;
+pub(crate) mod feed;
 mod feeder;
 mod handle;
 pub(crate) mod inner;
@@ -41,6 +42,7 @@ pub use batch::{
     Answer, Answers, AskBatch, BatchError, TellBatch, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
 };
 pub use builder::RuntimeBuilder;
+pub use feed::{Change, Consumer, Feed, Start, FEED_CONSUMER_NAME_MAX};
 pub use handle::Runtime;
 pub use listing::{Listed, Listing, Page, LIST_PAGE_MAX};
 pub use transaction::{Transact, TxOutcome};

@@ -31,6 +31,11 @@ pub(crate) struct Config {
     /// Grants a waiting lane may be passed over by before it is promoted.
     pub lane_promote_after: u32,
     pub log_payloads: bool,
+    /// Entity types whose applied changes go to the change feed.
+    pub feeds: std::collections::HashSet<&'static str>,
+    /// Change feed records kept beyond the slowest consumer (or, with none, at all)
+    /// before the feed warns that it is held back.
+    pub feed_retention: u64,
 }
 
 /// State shared by the runtime's parts.

@@ -555,6 +555,23 @@ async fn commit_applied<T: Transaction>(
                     return Err(encode_error(reason));
                 }
             };
+        if inner.shared.config.feeds.contains(slot.entity) {
+            let change = crate::core::records::ChangeRecord {
+                entity: slot.entity.to_string(),
+                key: slot.key.clone(),
+                message_id: meta.message_id.clone(),
+                correlation_id: meta.correlation_id.clone(),
+                state: state.clone(),
+            };
+            match codec::encode(&change) {
+                Ok(record) => ops.push(Op::Append(record)),
+                Err(reason) => {
+                    holding.release_unchanged();
+                    release_room();
+                    return Err(encode_error(reason));
+                }
+            }
+        }
         ops.push(Op::Put(keys::state(slot.entity, &slot.key), state));
         if revision == 1 {
             ops.push(Op::Put(

@@ -166,6 +166,8 @@ impl Engine for FjallEngine {
             match op {
                 Op::Put(k, v) => batch.insert(&keyspace, k, v),
                 Op::Delete(k) => batch.remove(&keyspace, k),
+                // Turned into a `Put` by the committer before it reaches an engine.
+                Op::Append(_) => {}
             }
         }
         batch.commit().map_err(|e| store_error("commit", e))

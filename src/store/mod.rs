@@ -67,6 +67,22 @@ pub(crate) trait Engine: Send + Sync + 'static {
 /// mark in the same atomic write, and `open` starts the counter above it.
 const SEQ_HIGH_WATER: &str = "seq_high_water";
 
+/// The meta record holding the last change feed sequence given (kept when the feed itself
+/// is purged, so sequences never go back).
+const FEED_HIGH_WATER: &str = "feed_high_water";
+
+/// The end of the change feed, as the committer advances it.
+#[derive(Debug, Default)]
+pub(crate) struct FeedTail {
+    /// The last feed sequence applied (and, in sync mode, flushed).
+    pub last: AtomicU64,
+    /// Woken after every batch that appended to the feed.
+    pub appended: tokio::sync::Notify,
+    /// Records up to this sequence are purged: scans start after it (an LSM engine keeps
+    /// the deleted ones as tombstones for a while).
+    pub purged_to: AtomicU64,
+}
+
 /// A stored key and its value.
 pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 
@@ -151,6 +167,8 @@ pub(crate) struct Store {
     /// or flushed (see `StoreError::Poisoned`).
     poisoned: Arc<Mutex<Option<String>>>,
     pub(crate) counters: Arc<StoreCounters>,
+    /// The end of the change feed.
+    pub(crate) feed: Arc<FeedTail>,
     /// Which batches are durable; see [`Marks`].
     marks: Arc<Marks>,
     /// Relaxed mode acknowledges before the flush; reads then show what was acknowledged.
@@ -217,6 +235,7 @@ impl Store {
         let poisoned = Arc::new(Mutex::new(None));
         let marks = Arc::new(Marks::new());
         let counters = Arc::new(StoreCounters::default());
+        let feed = Arc::new(FeedTail::default());
         let mut threads = Vec::new();
         // Relaxed mode: a flusher thread, woken by the committer after each batch.
         let flusher = match config.durability.flush_every() {
@@ -228,6 +247,7 @@ impl Store {
                     poisoned: poisoned.clone(),
                     counters: counters.clone(),
                     marks: marks.clone(),
+                    feed: feed.clone(),
                 };
                 let db = engine.clone();
                 threads.push(
@@ -245,6 +265,7 @@ impl Store {
                 poisoned: poisoned.clone(),
                 counters: counters.clone(),
                 marks: marks.clone(),
+                feed: feed.clone(),
             };
             let db = engine.clone();
             let batch_max = config.batch_messages_max;
@@ -257,6 +278,7 @@ impl Store {
         // channel) before the flusher is joined.
         threads.insert(0, committer);
         Ok(Arc::new(Store {
+            feed,
             engine,
             commits: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
@@ -556,6 +578,7 @@ struct Sink {
     poisoned: Arc<Mutex<Option<String>>>,
     counters: Arc<StoreCounters>,
     marks: Arc<Marks>,
+    feed: Arc<FeedTail>,
 }
 
 /// Records the first storage failure: from then on the store writes and flushes nothing
@@ -604,12 +627,18 @@ impl Sink {
 /// of 30) and paid a thread wake-up per batch. See `docs/performance.md`.
 fn run_committer(engine: &dyn Engine, rx: &Receiver<Commit>, batch_max: usize, sink: &Sink) {
     let high_water_key = keys::meta(SEQ_HIGH_WATER);
-    let mut high_water = engine
-        .get(&high_water_key)
-        .ok()
-        .flatten()
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes);
+    let read_u64 = |key: &[u8]| {
+        engine
+            .get(key)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes)
+    };
+    let mut high_water = read_u64(&high_water_key);
+    let feed_key = keys::meta(FEED_HIGH_WATER);
+    let mut feed_seq = read_u64(&feed_key);
+    sink.feed.last.store(feed_seq, Ordering::SeqCst);
     while let Ok(first) = rx.recv() {
         if let Some(first_error) = sink.poisoned() {
             // Refuse without touching the engine: after an I/O error sled cannot be trusted
@@ -635,6 +664,18 @@ fn run_committer(engine: &dyn Engine, rx: &Receiver<Commit>, batch_max: usize, s
                 batch_seq.to_be_bytes().to_vec(),
             ));
         }
+        // Change feed records take their sequences here, in commit order, so a reader at
+        // any position never sees a later record before an earlier one.
+        let feed_before = feed_seq;
+        if batch.iter().any(|op| matches!(op, Op::Append(_))) {
+            for op in &mut batch {
+                if let Op::Append(record) = op {
+                    feed_seq += 1;
+                    *op = Op::Put(keys::feed(feed_seq), std::mem::take(record));
+                }
+            }
+            batch.push(Op::Put(feed_key.clone(), feed_seq.to_be_bytes().to_vec()));
+        }
         // Raised before the apply: a reader that sees any of this batch sees this number.
         let number = sink.marks.begun.fetch_add(1, Ordering::SeqCst) + 1;
         if let Err(error) = engine.apply(batch) {
@@ -644,17 +685,33 @@ fn run_committer(engine: &dyn Engine, rx: &Receiver<Commit>, batch_max: usize, s
         }
         sink.marks.applied.store(number, Ordering::SeqCst);
         high_water = high_water.max(batch_seq);
+        let appended = feed_seq > feed_before;
         sink.counters.batches.fetch_add(1, Ordering::Relaxed);
         sink.counters
             .commits
             .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        // The feed's end moves before the callers are released, so whoever learns of a
+        // change from its caller finds it in the feed.
+        let feed_moved = || {
+            if appended {
+                sink.feed.last.store(feed_seq, Ordering::SeqCst);
+                sink.feed.appended.notify_waiters();
+            }
+        };
         match &sink.flusher {
             Some(flusher) => {
+                feed_moved();
                 release(waiters, &Ok(number));
                 // A full channel means a wake-up is already pending; it covers this batch.
                 let _ = flusher.try_send(Dirty);
             }
-            None => release(waiters, &sink.flush(engine).map(|()| number)),
+            None => {
+                let flushed = sink.flush(engine).map(|()| number);
+                if flushed.is_ok() {
+                    feed_moved();
+                }
+                release(waiters, &flushed);
+            }
         }
     }
 }

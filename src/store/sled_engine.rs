@@ -170,6 +170,8 @@ impl Engine for SledEngine {
             match op {
                 Op::Put(k, v) => batch.insert(k, v),
                 Op::Delete(k) => batch.remove(k),
+                // Turned into a `Put` by the committer before it reaches an engine.
+                Op::Append(_) => {}
             }
         }
         self.db()?

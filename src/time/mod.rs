@@ -30,7 +30,11 @@ pub(crate) fn start(
         .name("keystead-time".into())
         .spawn(move || {
             runtime.block_on(async move {
-                tokio::join!(firer::run(inner.clone()), scheduler::run(inner, scheduler));
+                tokio::join!(
+                    firer::run(inner.clone()),
+                    crate::runtime::feed::janitor(inner.clone()),
+                    scheduler::run(inner, scheduler)
+                );
             });
         })
         .map_err(|e| OpenError::Threads(e.to_string()))
