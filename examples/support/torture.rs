@@ -364,6 +364,7 @@ pub fn runtime(dir: &Path, mode: Mode) -> Result<Runtime, keystead::OpenError> {
         // and the others are left unindexed to a running worker when a kill comes.
         .effect_lanes_max(EFFECT_WORKERS)
         .register::<LedgerEntity>()
+        .feed::<LedgerEntity>()
         .register::<PurseEntity>()
         .transaction::<Shift>()
         .executor::<Post>(Provider::open(&dir.join("provider.log")))
@@ -402,6 +403,28 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
     let refused = append("outbox-refused.log");
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..KEYS).map(|_| AtomicU64::new(run << 32)).collect());
+    // A change feed reader: logs every change it reads (one `write` each), then
+    // acknowledges; after a kill it resumes after its last acknowledgement.
+    let feed_reader = (per_sender == u64::MAX).then(|| {
+        let feed = rt.feed();
+        let mut log = open_log(&dir.join("feed-reads.log"));
+        tokio::spawn(async move {
+            let Ok(mut consumer) = feed.consumer("reader", keystead::Start::Beginning).await else {
+                return;
+            };
+            while let Ok(changes) = consumer.next(100).await {
+                for c in &changes {
+                    append_line_unsynced(&mut log, &format!("{} {}", c.key, c.revision))
+                        .expect("feed log write");
+                }
+                if let Some(last) = changes.last() {
+                    if consumer.ack(last.seq).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    });
     // Transfers between purses, two senders, one naming the members in the opposite order.
     let transfers_log = append("transfers.log");
     let transfers: Vec<_> = (0..2u64)
@@ -583,6 +606,9 @@ pub async fn child(dir: &Path, run: u64, per_sender: u64, mode: Mode) {
     if let Some(reader) = reader {
         reader.abort();
     }
+    if let Some(feed_reader) = feed_reader {
+        feed_reader.abort();
+    }
     if let Some((writer, reader)) = hot {
         writer.abort();
         reader.abort();
@@ -652,6 +678,12 @@ pub struct Report {
     pub transfers_doubled: u64,
     /// The sum of all purses (must be 0: money is only moved).
     pub money_off: i64,
+    /// Change feed records the readers saw (logged by the children, then the rest).
+    pub feed_records: u64,
+    /// Applied revisions (1 to each ledger's revision) the feed never showed (must be 0).
+    pub feed_missing: u64,
+    /// Revisions the feed showed above the entity's committed one (sync mode: must be 0).
+    pub feed_uncommitted: u64,
     pub seconds: f64,
 }
 
@@ -674,10 +706,12 @@ impl Report {
             && self.transfers_partial == 0
             && self.transfers_doubled == 0
             && self.money_off == 0
+            && self.feed_missing == 0
+            && (relaxed || self.feed_uncommitted == 0)
     }
 
     pub fn print(&self) {
-        let rows: [(&str, String); 33] = [
+        let rows: [(&str, String); 36] = [
             ("mode", self.mode.clone()),
             ("kills (SIGKILL)", self.kills.to_string()),
             (
@@ -769,6 +803,12 @@ impl Report {
             (
                 "MONEY NOT CONSERVED (sum of purses)",
                 self.money_off.to_string(),
+            ),
+            ("change feed records read", self.feed_records.to_string()),
+            ("FEED REVISIONS MISSING", self.feed_missing.to_string()),
+            (
+                "FEED SHOWED UNCOMMITTED REVISIONS",
+                self.feed_uncommitted.to_string(),
             ),
             ("seconds", format!("{:.1}", self.seconds)),
         ];
@@ -981,6 +1021,7 @@ async fn verify(dir: &Path, mode: Mode, killed_at_us: &HashMap<u64, u64>, report
     report.delayed_acknowledged = read_lines(&dir.join("delayed.log")).len() as u64;
     verify_schedule(&rt, &before, report).await;
     verify_transfers(dir, mode, &rt, report).await;
+    verify_feed(dir, &rt, &before, report).await;
     for line in read_lines(&dir.join("reads.log")) {
         let Some((key, revision)) = line.split_once(' ') else {
             continue;
@@ -1084,6 +1125,56 @@ async fn quiesce(rt: &Runtime) {
         Err(e) => panic!("pausing the schedule: {e}"),
     }
     rt.wait_until(|s| s.timers_pending == 0).await;
+}
+
+/// The change feed showed every applied revision of every ledger (what the children's
+/// reader logged, plus what the same consumer reads now after its last acknowledgement),
+/// and nothing above a ledger's committed revision.
+async fn verify_feed(
+    dir: &Path,
+    rt: &Runtime,
+    states: &HashMap<String, (u64, Ledger)>,
+    report: &mut Report,
+) {
+    let mut seen: HashMap<String, HashSet<u64>> = HashMap::new();
+    for line in read_lines(&dir.join("feed-reads.log")) {
+        if let Some((key, revision)) = line.split_once(' ') {
+            if let Ok(revision) = revision.parse::<u64>() {
+                seen.entry(key.to_string()).or_default().insert(revision);
+                report.feed_records += 1;
+            }
+        }
+    }
+    let mut consumer = rt
+        .feed()
+        .consumer("reader", keystead::Start::Beginning)
+        .await
+        .expect("the feed reader");
+    loop {
+        let changes = consumer.try_next(1000).await.expect("the feed reads");
+        if changes.is_empty() {
+            break;
+        }
+        for c in &changes {
+            seen.entry(c.key.clone()).or_default().insert(c.revision);
+            report.feed_records += 1;
+        }
+        if let Some(last) = changes.last() {
+            consumer.ack(last.seq).await.expect("ack");
+        }
+    }
+    for (key, (revision, _)) in states {
+        let shown = seen.remove(key).unwrap_or_default();
+        let missing = (1..=*revision).filter(|r| !shown.contains(r)).count() as u64;
+        let above = shown.iter().filter(|r| **r > *revision).count() as u64;
+        if missing + above > 0 {
+            eprintln!("FEED: {key} at revision {revision}: {missing} revisions never shown, {above} shown above it");
+        }
+        report.feed_missing += missing;
+        report.feed_uncommitted += above;
+    }
+    // A key the feed showed that has no state at all: shown, then lost.
+    report.feed_uncommitted += seen.values().map(|s| s.len() as u64).sum::<u64>();
 }
 
 /// Every transfer is in both its purses or neither, once; every acknowledged one is there;
