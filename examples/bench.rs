@@ -137,6 +137,10 @@ enum Kind {
     Tell,
 }
 
+/// Set by the `ask-feed` scenario: the items publish to the change feed, and one
+/// consumer reads and acknowledges it during the run.
+static FEED: AtomicBool = AtomicBool::new(false);
+
 fn open(
     durability: Durability,
     idle: Duration,
@@ -148,6 +152,9 @@ fn open(
         .durability(durability)
         .backend(backend)
         .passivate_after(idle);
+    if FEED.load(Ordering::Relaxed) {
+        builder = builder.feed::<Item>();
+    }
     // For tuning experiments: the number of shards (default: one per core).
     if let Some(shards) = std::env::var("KEYSTEAD_BENCH_SHARDS")
         .ok()
@@ -175,6 +182,27 @@ async fn drive(
     let rt = Arc::new(rt);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
+    // With the feed on: one consumer reads and acknowledges it as it goes.
+    let feed_read = Arc::new(AtomicU64::new(0));
+    let consumer = (FEED.load(Ordering::Relaxed)
+        && std::env::var("KEYSTEAD_BENCH_FEED_NO_CONSUMER").is_err())
+    .then(|| {
+        let (feed, read) = (rt.feed(), feed_read.clone());
+        tokio::spawn(async move {
+            let mut c = feed
+                .consumer("bench", keystead::Start::Beginning)
+                .await
+                .expect("consumer");
+            while let Ok(changes) = c.next(1000).await {
+                read.fetch_add(changes.len() as u64, Ordering::Relaxed);
+                if let Some(last) = changes.last() {
+                    if c.ack(last.seq).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    });
     let started = Instant::now();
     let tasks: Vec<_> = (0..SENDERS)
         .map(|s| {
@@ -221,6 +249,11 @@ async fn drive(
     let stats = rt.stats();
     measured.per_batch = stats.commits as f64 / stats.commit_batches.max(1) as f64;
     measured.per_flush = stats.commits as f64 / stats.flushes.max(1) as f64;
+    if let Some(consumer) = consumer {
+        // The feed row reports the records the consumer read per second in `per_batch`.
+        measured.per_batch = feed_read.load(Ordering::Relaxed) as f64 / measured.secs.max(1e-9);
+        consumer.abort();
+    }
     if let Ok(rt) = Arc::try_unwrap(rt) {
         rt.shutdown().await;
     }
@@ -1158,6 +1191,21 @@ fn child(args: &[String]) -> Result<(), Error> {
         ))?,
         "storage-fjall" => storage_fjall(secs)?,
         "tell-batch" => tokio.block_on(tell_batches(param as usize, secs))?,
+        "ask-feed" => {
+            FEED.store(true, Ordering::Relaxed);
+            tokio.block_on(drive(
+                if param > 0.0 {
+                    Backend::Fjall
+                } else {
+                    Backend::Sled
+                },
+                Durability::Sync,
+                Kind::Ask,
+                KEYS,
+                secs,
+                None,
+            ))?
+        }
         "tx" => tokio.block_on(transactions(SENDERS, KEYS, secs))?,
         "tx-contended" => tokio.block_on(transactions(SENDERS, 8, secs))?,
         "tx-one-sender" => tokio.block_on(transactions(1, KEYS, secs))?,
@@ -1273,6 +1321,7 @@ fn main() -> Result<(), Error> {
         .into_iter()
         .map(|n| run("tell-batch", short, n as f64).map(|m| (n, m)))
         .collect::<Result<_, _>>()?;
+    let ask_feed = run("ask-feed", window, 0.0)?;
     let tx = run("tx", short, 0.0)?;
     let tx_contended = run("tx-contended", short, 0.0)?;
     let tx_one = run("tx-one-sender", short, 0.0)?;
@@ -1535,6 +1584,14 @@ fn main() -> Result<(), Error> {
             ms(m.p99_us)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nchange feed: durable asks with the items publishing and one consumer reading   {:>8.0}/s  p99 {}  ratio to plain asks {:.2} [>= 0.85]; the consumer read {:.0} records/s",
+        ask_feed.rate(),
+        ms(ask_feed.p99_us),
+        ask_feed.rate() / ask.rate().max(1e-9),
+        ask_feed.per_batch
+    );
     let _ = writeln!(
         out,
         "  transactions vs single asks {:.2}; 64 senders vs 1 on disjoint keys {:.1}x (no global lock)",

@@ -238,7 +238,9 @@ pub(crate) fn entity_index_key<'a>(entity: &str, bytes: &'a [u8]) -> Option<&'a 
         .and_then(|key| std::str::from_utf8(key).ok())
 }
 
-/// The change feed record with sequence `seq`.
+/// The change feed segment whose last record has sequence `seq` (a segment holds the
+/// records of one committed batch; a scan from `feed(p + 1)` finds the segment holding
+/// record `p + 1` first).
 pub(crate) fn feed(seq: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(9);
     out.push(Space::Feed as u8);

@@ -221,10 +221,15 @@ async fn purge(inner: &Inner) -> Result<(), AdminError> {
     }
     let mut ops = Vec::new();
     let start = keys::feed(from.saturating_add(1));
+    let mut purged = from;
     for entry in inner.store.scan_from(&[Space::Feed as u8], &start)? {
         let (key, _) = entry?;
+        // A segment goes once every record in it (up to its last) is acknowledged.
         match keys::feed_seq(&key) {
-            Some(seq) if seq <= up_to => ops.push(Op::Delete(key)),
+            Some(last) if last <= up_to => {
+                ops.push(Op::Delete(key));
+                purged = last;
+            }
             _ => break,
         }
         if ops.len() == 1000 {
@@ -238,7 +243,7 @@ async fn purge(inner: &Inner) -> Result<(), AdminError> {
         .store
         .feed
         .purged_to
-        .fetch_max(up_to, Ordering::SeqCst);
+        .fetch_max(purged, Ordering::SeqCst);
     Ok(())
 }
 
@@ -336,35 +341,51 @@ impl Consumer {
     }
 
     async fn read_after(&mut self, inner: &Inner, max: usize) -> Result<Vec<Change>, AdminError> {
-        let start = keys::feed(self.read.saturating_add(1));
+        let from = self.read.saturating_add(1);
         let mut changes = Vec::new();
+        // The first segment whose last record is at or after `from` holds it.
         for entry in inner
             .store
-            .scan_from(&[Space::Feed as u8], &start)?
-            .take(max)
+            .scan_from(&[Space::Feed as u8], &keys::feed(from))?
         {
             let (key, bytes) = entry?;
-            let Some(seq) = keys::feed_seq(&key) else {
+            let Some(last) = keys::feed_seq(&key) else {
                 continue;
             };
             let decode = |source| AdminError::Decode {
                 entity: "change feed",
-                key: seq.to_string(),
+                key: last.to_string(),
                 source,
             };
-            let record: ChangeRecord = codec::decode("change", &bytes).map_err(decode)?;
-            let header: StateHeader = codec::decode_head("state", &record.state).map_err(decode)?;
-            changes.push(Change {
-                seq,
-                entity: record.entity,
-                key: record.key,
-                revision: header.revision,
-                version: header.version,
-                message_id: record.message_id,
-                correlation_id: record.correlation_id,
-                committed_at_ms: header.updated_at_ms,
-                state: record.state,
-            });
+            let records: Vec<Vec<u8>> =
+                codec::decode("change feed segment", &bytes).map_err(decode)?;
+            let first = last.saturating_sub(records.len() as u64).saturating_add(1);
+            for (i, bytes) in records.iter().enumerate() {
+                let seq = first + i as u64;
+                if seq < from {
+                    continue;
+                }
+                let record: ChangeRecord = codec::decode("change", bytes).map_err(decode)?;
+                let header: StateHeader =
+                    codec::decode_head("state", &record.state).map_err(decode)?;
+                changes.push(Change {
+                    seq,
+                    entity: record.entity,
+                    key: record.key,
+                    revision: header.revision,
+                    version: header.version,
+                    message_id: record.message_id,
+                    correlation_id: record.correlation_id,
+                    committed_at_ms: header.updated_at_ms,
+                    state: record.state,
+                });
+                if changes.len() == max {
+                    break;
+                }
+            }
+            if changes.len() == max {
+                break;
+            }
         }
         // Show only what a crash cannot take back.
         inner.store.reads_durable().await?;

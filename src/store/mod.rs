@@ -665,16 +665,35 @@ fn run_committer(engine: &dyn Engine, rx: &Receiver<Commit>, batch_max: usize, s
             ));
         }
         // Change feed records take their sequences here, in commit order, so a reader at
-        // any position never sees a later record before an earlier one.
+        // any position never sees a later record before an earlier one. A batch's records
+        // go into one *segment*, keyed by its last sequence: one more key per batch, not
+        // per change (a key costs the engine far more than its bytes).
         let feed_before = feed_seq;
         if batch.iter().any(|op| matches!(op, Op::Append(_))) {
-            for op in &mut batch {
-                if let Op::Append(record) = op {
-                    feed_seq += 1;
-                    *op = Op::Put(keys::feed(feed_seq), std::mem::take(record));
+            let mut records = Vec::new();
+            batch.retain_mut(|op| match op {
+                Op::Append(record) => {
+                    records.push(std::mem::take(record));
+                    false
+                }
+                _ => true,
+            });
+            feed_seq += records.len() as u64;
+            match crate::core::codec::encode(&records) {
+                Ok(segment) => {
+                    batch.push(Op::Put(keys::feed(feed_seq), segment));
+                    batch.push(Op::Put(feed_key.clone(), feed_seq.to_be_bytes().to_vec()));
+                }
+                Err(reason) => {
+                    let error = StoreError::Corrupt {
+                        op: "encode a change feed segment",
+                        detail: reason,
+                    };
+                    sink.poison(&error);
+                    release(waiters, &Err(error));
+                    continue;
                 }
             }
-            batch.push(Op::Put(feed_key.clone(), feed_seq.to_be_bytes().to_vec()));
         }
         // Raised before the apply: a reader that sees any of this batch sees this number.
         let number = sink.marks.begun.fetch_add(1, Ordering::SeqCst) + 1;
