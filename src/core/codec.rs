@@ -63,24 +63,9 @@ pub(crate) fn decode<T: DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
 ) -> Result<T, DecodeError> {
-    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty { what })?;
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::UnknownFormat {
-            what,
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
-    let (value, used): (T, usize) =
-        bincode::serde::decode_from_slice(body, config()).map_err(|e| DecodeError::Malformed {
-            what,
-            reason: e.to_string(),
-        })?;
-    if used != body.len() {
-        return Err(DecodeError::TrailingBytes {
-            what,
-            extra: body.len() - used,
-        });
+    let (value, extra) = decode_leading(what, bytes)?;
+    if extra > 0 {
+        return Err(DecodeError::TrailingBytes { what, extra });
     }
     Ok(value)
 }
@@ -94,6 +79,14 @@ pub(crate) fn decode_head<T: DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
 ) -> Result<T, DecodeError> {
+    decode_leading(what, bytes).map(|(value, _)| value)
+}
+
+/// The leading `T` of `bytes` (after the format version), and how many bytes follow it.
+fn decode_leading<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<(T, usize), DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty { what })?;
     if version != FORMAT_VERSION {
         return Err(DecodeError::UnknownFormat {
@@ -102,12 +95,12 @@ pub(crate) fn decode_head<T: DeserializeOwned>(
             supported: FORMAT_VERSION,
         });
     }
-    let (value, _): (T, usize) =
+    let (value, used): (T, usize) =
         bincode::serde::decode_from_slice(body, config()).map_err(|e| DecodeError::Malformed {
             what,
             reason: e.to_string(),
         })?;
-    Ok(value)
+    Ok((value, body.len() - used))
 }
 
 #[cfg(test)]
