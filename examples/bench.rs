@@ -844,6 +844,46 @@ async fn transactions(senders: usize, keys: u64, secs: f64) -> Result<Measured, 
     Ok(measured)
 }
 
+// ---- The change feed: read throughput ---------------------------------------------------
+
+/// 200,000 changes written first (items publishing, tell batches of 1,000 to 10,000 keys),
+/// then one consumer reads them all from the beginning, 1,000 at a time, acknowledging
+/// each read: records read per second (the latency is one read of up to 1,000).
+async fn feed_read() -> Result<Measured, Error> {
+    const CHANGES: u64 = 200_000;
+    FEED.store(true, Ordering::Relaxed);
+    let (_dir, rt) = open(Durability::Sync, Duration::from_secs(60), Backend::Sled)?;
+    let mut seed = 0x6A09_E667_F3BC_C908_u64;
+    for _ in 0..CHANGES / 1_000 {
+        let mut batch = rt.tell_batch();
+        for _ in 0..1_000 {
+            batch.push(rt.entity::<Item>(key_name(next(&mut seed) % KEYS)).tell(1));
+        }
+        batch.send().await.map_err(|e| e.to_string())?;
+    }
+    rt.idle().await;
+    let mut consumer = rt
+        .feed()
+        .consumer("bench", keystead::Start::Beginning)
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut read = 0u64;
+    let mut latencies = Vec::new();
+    while read < CHANGES {
+        let t = Instant::now();
+        let changes = consumer.next(1_000).await.map_err(|e| e.to_string())?;
+        read += changes.len() as u64;
+        if let Some(last) = changes.last() {
+            consumer.ack(last.seq).await.map_err(|e| e.to_string())?;
+        }
+        latencies.push(micros(t));
+    }
+    let measured = Measured::new(read, started.elapsed().as_secs_f64(), latencies);
+    rt.shutdown().await;
+    Ok(measured)
+}
+
 // ---- Time: timer accuracy ------------------------------------------------------------
 
 /// 10,000 delayed messages (one per entity) due within the same second, 3 s from now, on
@@ -1191,6 +1231,7 @@ fn child(args: &[String]) -> Result<(), Error> {
         ))?,
         "storage-fjall" => storage_fjall(secs)?,
         "tell-batch" => tokio.block_on(tell_batches(param as usize, secs))?,
+        "feed-read" => tokio.block_on(feed_read())?,
         "ask-feed" => {
             FEED.store(true, Ordering::Relaxed);
             tokio.block_on(drive(
@@ -1322,6 +1363,7 @@ fn main() -> Result<(), Error> {
         .map(|n| run("tell-batch", short, n as f64).map(|m| (n, m)))
         .collect::<Result<_, _>>()?;
     let ask_feed = run("ask-feed", window, 0.0)?;
+    let feed_read = run("feed-read", 0.0, 0.0)?;
     let tx = run("tx", short, 0.0)?;
     let tx_contended = run("tx-contended", short, 0.0)?;
     let tx_one = run("tx-one-sender", short, 0.0)?;
@@ -1591,6 +1633,13 @@ fn main() -> Result<(), Error> {
         ms(ask_feed.p99_us),
         ask_feed.rate() / ask.rate().max(1e-9),
         ask_feed.per_batch
+    );
+    let _ = writeln!(
+        out,
+        "  reading 200,000 changes from the beginning, 1,000 per read, acknowledging each: {:.0} records/s, a read p50 {} p99 {}",
+        feed_read.rate(),
+        ms(feed_read.p50_us),
+        ms(feed_read.p99_us)
     );
     let _ = writeln!(
         out,
