@@ -215,6 +215,31 @@ pub struct Snapshot<S> {
     pub state: S,
 }
 
+/// The snapshot of entity (`E`, `key`) from its stored state record (`None`: it never
+/// applied a message, so its default state at revision 0).
+pub(crate) fn snapshot_from<E: Entity>(
+    key: &str,
+    bytes: Option<Vec<u8>>,
+) -> Result<Snapshot<E::State>, SubmitError> {
+    let loaded = match bytes {
+        None => Loaded::default(),
+        Some(bytes) => {
+            let record: StateRecord<E::State> =
+                codec::decode("state", &bytes).map_err(|source| SubmitError::Decode {
+                    entity: E::NAME,
+                    key: key.to_string(),
+                    source,
+                })?;
+            Loaded::from(record)
+        }
+    };
+    Ok(Snapshot {
+        revision: loaded.revision,
+        version: loaded.version,
+        state: loaded.state,
+    })
+}
+
 /// What `tell` returns once the message is durably in the inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -438,23 +463,7 @@ impl<E: Entity> EntityRef<E> {
         let durable = inner.store.reads_durable();
         drop(inner);
         durable.await.map_err(storage)?;
-        let loaded = match bytes {
-            None => Loaded::default(),
-            Some(bytes) => {
-                let record: StateRecord<E::State> =
-                    codec::decode("state", &bytes).map_err(|source| SubmitError::Decode {
-                        entity: E::NAME,
-                        key: self.key.clone(),
-                        source,
-                    })?;
-                Loaded::from(record)
-            }
-        };
-        Ok(Snapshot {
-            revision: loaded.revision,
-            version: loaded.version,
-            state: loaded.state,
-        })
+        snapshot_from::<E>(&self.key, bytes)
     }
 
     /// Moves the dead letter `message_id` back into this entity's inbox, keeping its id, and

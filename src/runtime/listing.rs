@@ -12,13 +12,12 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 
-use crate::core::apply::Loaded;
 use crate::core::codec;
 use crate::core::keys;
-use crate::core::records::{StateHeader, StateRecord};
+use crate::core::records::StateHeader;
 use crate::entity::Entity;
 use crate::error::{AdminError, SubmitError};
-use crate::runtime::address::Snapshot;
+use crate::runtime::address::{snapshot_from, Snapshot};
 use crate::runtime::inner::Inner;
 use crate::runtime::shared::check_key;
 use crate::runtime::Runtime;
@@ -233,25 +232,7 @@ impl Runtime {
             .await
             .map_err(|e| storage("", e))?;
         read.into_iter()
-            .map(|(key, bytes)| {
-                let loaded = match bytes {
-                    None => Loaded::default(),
-                    Some(bytes) => {
-                        let record: StateRecord<E::State> = codec::decode("state", &bytes)
-                            .map_err(|source| SubmitError::Decode {
-                                entity: E::NAME,
-                                key: key.clone(),
-                                source,
-                            })?;
-                        Loaded::from(record)
-                    }
-                };
-                Ok(Snapshot {
-                    revision: loaded.revision,
-                    version: loaded.version,
-                    state: loaded.state,
-                })
-            })
+            .map(|(key, bytes)| snapshot_from::<E>(&key, bytes))
             .collect()
     }
 }
